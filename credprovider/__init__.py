@@ -1,0 +1,1 @@
+"""The kubelet image credential provider (exec plugin); standard library only."""

@@ -1,0 +1,1 @@
+"""CSI driver (spec v1): Identity, Controller and Node services on local storage."""

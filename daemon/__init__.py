@@ -1,0 +1,1 @@
+"""The nodeplug daemon: config, supervision and composition of the three kubelet plugins."""

@@ -1,0 +1,184 @@
+"""The daemon's YAML config: parsed, validated, and every error names its field.
+
+kubeletDir: /var/lib/kubelet      # all kubelet socket paths live below it
+stateDir: /var/lib/nodeplug
+devicePlugins:
+  - resourceName: example.com/widget
+    backend: glob
+    config: {paths: ["/dev/widget*"]}
+    replicas: 1                    # >1 shares each device among that many containers
+    allocationPolicy: spread       # or pack: how replicas are handed out
+    hookTimeout: 10                # seconds a backend's allocate/pre_start may take
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    model_validator,
+)
+
+from deviceplugin.allocation import Policy
+from deviceplugin.backend import Backend, BackendNotFoundError, load_backend_factory
+from deviceplugin.names import MAX_SOCKET_PATH, resource_name_problem
+
+DEVICE_PLUGIN_SUBDIR = "device-plugins"
+# The longest socket name nodeplug puts in the device-plugins directory (hashed names).
+_LONGEST_SOCKET_NAME = len("nodeplug-0123456789abcdef.sock")
+
+
+class ConfigError(Exception):
+    """A config the daemon refuses; each line names a field and what is wrong with it."""
+
+    def __init__(self, source: str, problems: Sequence[str]) -> None:
+        self.source = source
+        self.problems = list(problems)
+        super().__init__(f"{source}: " + "; ".join(self.problems))
+
+    def report(self) -> str:
+        lines = [f"invalid config {self.source}:"]
+        lines += [f"  {problem}" for problem in self.problems]
+        return "\n".join(lines)
+
+
+def _absolute(path: Path) -> Path:
+    if not path.is_absolute():
+        raise ValueError(f"must be an absolute path, not {str(path)!r}")
+    if "\0" in str(path):
+        raise ValueError("must not contain NUL bytes")
+    return path
+
+
+def _resource_name(name: str) -> str:
+    problem = resource_name_problem(name)
+    if problem is not None:
+        raise ValueError(f"{name!r} is not a valid extended resource name: {problem}")
+    return name
+
+
+AbsolutePath = Annotated[Path, AfterValidator(_absolute)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class DevicePluginSpec(_Section):
+    resource_name: Annotated[StrictStr, AfterValidator(_resource_name)] = Field(
+        alias="resourceName"
+    )
+    backend: StrictStr = Field(min_length=1)
+    config: dict[str, Any] = Field(default_factory=dict)
+    replicas: StrictInt = Field(default=1, ge=1, le=1024)
+    allocation_policy: Policy = Field(default=Policy.SPREAD, alias="allocationPolicy")
+    hook_timeout: float = Field(default=10.0, strict=True, gt=0, le=300, alias="hookTimeout")
+
+
+class Config(_Section):
+    kubelet_dir: AbsolutePath = Field(default=Path("/var/lib/kubelet"), alias="kubeletDir")
+    state_dir: AbsolutePath = Field(default=Path("/var/lib/nodeplug"), alias="stateDir")
+    device_plugins: list[DevicePluginSpec] = Field(default_factory=list, alias="devicePlugins")
+
+    @property
+    def device_plugin_dir(self) -> Path:
+        return self.kubelet_dir / DEVICE_PLUGIN_SUBDIR
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> Config:
+        seen: dict[str, int] = {}
+        for index, spec in enumerate(self.device_plugins):
+            if spec.resource_name in seen:
+                raise ValueError(
+                    f"devicePlugins[{index}].resourceName: {spec.resource_name!r} is already "
+                    f"used by devicePlugins[{seen[spec.resource_name]}]"
+                )
+            seen[spec.resource_name] = index
+        longest = len(str(self.device_plugin_dir)) + 1 + _LONGEST_SOCKET_NAME
+        if longest > MAX_SOCKET_PATH:
+            raise ValueError(
+                f"kubeletDir: {str(self.kubelet_dir)!r} is too long; socket paths below it "
+                f"would exceed the {MAX_SOCKET_PATH}-byte Unix socket limit"
+            )
+        return self
+
+
+def _field_path(location: Sequence[int | str]) -> str:
+    path = ""
+    for part in location:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path or "(top level)"
+
+
+_MESSAGES = {
+    "extra_forbidden": "unknown field (check its spelling and indentation)",
+    "missing": "required field is missing",
+}
+
+
+def _problems(error: ValidationError) -> list[str]:
+    problems = []
+    for detail in error.errors():
+        location = detail["loc"]
+        message = _MESSAGES.get(detail["type"], detail["msg"])
+        message = message.removeprefix("Value error, ")
+        if detail["type"] == "value_error" and ": " in message and not location:
+            problems.append(message)  # a cross-field check that already names its field
+        else:
+            problems.append(f"{_field_path(location)}: {message}")
+    return problems
+
+
+def parse(data: object, source: str = "<config>") -> Config:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(source, [f"(top level): must be a mapping, not {type(data).__name__}"])
+    try:
+        return Config.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(source, _problems(error)) from None
+
+
+def load(path: Path) -> Config:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(str(path), [f"cannot read the file: {error}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(str(path), [f"not valid YAML: {error}"]) from None
+    return parse(data, str(path))
+
+
+def create_backends(config: Config, source: str = "<config>") -> list[Backend]:
+    """Instantiate each device plugin's backend; a backend's config errors name their field."""
+    backends = []
+    problems = []
+    for index, spec in enumerate(config.device_plugins):
+        where = f"devicePlugins[{index}]"
+        try:
+            factory = load_backend_factory(spec.backend)
+        except BackendNotFoundError as error:
+            problems.append(f"{where}.backend: {error}")
+            continue
+        try:
+            backends.append(factory(spec.config))
+        except ValidationError as error:
+            problems += [f"{where}.config.{p}" for p in _problems(error)]
+        except (ValueError, TypeError) as error:
+            problems.append(f"{where}.config: {error}")
+    if problems:
+        raise ConfigError(source, problems)
+    return backends

@@ -1,0 +1,81 @@
+"""gRPC servers on Unix sockets, with the hygiene node-driver-registrar taught us.
+
+- A stale path is removed only if it is a socket: anything else there is an error,
+  never something to delete.
+- The socket is bound under a tight umask and chmod-ed, so no other user ever
+  finds it connectable, not even for an instant.
+- Whoever stops the server removes its socket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+
+SOCKET_MODE = 0o600
+
+
+class SocketPathError(OSError):
+    pass
+
+
+def remove_socket(path: Path) -> None:
+    """Remove path if it is a socket; do nothing if it is gone; refuse anything else."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise SocketPathError(f"{path} exists and is not a socket; refusing to replace it")
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+def is_socket(path: Path) -> bool:
+    try:
+        return stat.S_ISSOCK(path.lstat().st_mode)
+    except FileNotFoundError:
+        return False
+
+
+@contextlib.contextmanager
+def _umask(mask: int) -> Iterator[None]:
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+class UnixSockets:
+    """Serves gRPC on Unix sockets; handed to the plugins, which do not bind sockets themselves."""
+
+    mode = SOCKET_MODE
+
+    async def serve(
+        self, path: Path, add_services: Callable[[grpc.aio.Server], None]
+    ) -> grpc.aio.Server:
+        """Start a grpc.aio server listening on the Unix socket `path` (created fresh)."""
+        path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+        remove_socket(path)
+        server = grpc.aio.server()
+        add_services(server)
+        with _umask(0o777 & ~self.mode):
+            server.add_insecure_port(f"unix:{path}")
+        path.chmod(self.mode)
+        await server.start()
+        return server
+
+    async def stop(self, server: grpc.aio.Server, path: Path, grace: float | None) -> None:
+        """Stop serving (in-flight calls get `grace` seconds) and remove the socket."""
+        await server.stop(grace)
+        with contextlib.suppress(SocketPathError):
+            remove_socket(path)
+
+    def is_socket(self, path: Path) -> bool:
+        return is_socket(path)

@@ -1,0 +1,1 @@
+"""Built-in device backends (registered as `nodeplug.device_backends` entry points)."""

@@ -1,0 +1,172 @@
+"""`glob` backend: every character or block device node matching path globs is a device.
+
+    backend: glob
+    config:
+      paths: ["/dev/widget*", "/dev/accel/accel*"]
+      permissions: rw            # cgroup permissions in the container (r, w, m)
+      containerDir: /dev/widgets  # optional: where nodes appear in the container
+
+Hotplug and removal are inotify events on the directories the globs can match in
+(including parents that do not exist yet), so a new node is seen within milliseconds
+and nothing polls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import glob
+import itertools
+import logging
+import os
+import stat
+from collections.abc import AsyncIterator, Mapping
+from fnmatch import fnmatchcase
+from pathlib import Path, PurePosixPath
+from typing import Annotated, Any
+
+from asyncinotify import Inotify, Mask, Watch
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from deviceplugin.backend import Device, DeviceNode
+from deviceplugin.backends.common import check_permissions, device_id, numa_node_of
+
+log = logging.getLogger(__name__)
+
+_DIR_EVENTS = (
+    Mask.CREATE | Mask.DELETE | Mask.MOVED_FROM | Mask.MOVED_TO | Mask.DELETE_SELF | Mask.ONLYDIR
+)
+# Coalesce a burst of events (a driver creating many nodes) into one snapshot.
+_SETTLE_SECONDS = 0.005
+
+
+def _absolute_pattern(pattern: str) -> str:
+    if not pattern.startswith("/"):
+        raise ValueError(f"{pattern!r} must be an absolute path pattern")
+    if "\0" in pattern or "/../" in f"{pattern}/" or "/./" in f"{pattern}/":
+        raise ValueError(f"{pattern!r} must be a plain absolute pattern (no '..', '.', NUL)")
+    return os.path.normpath(pattern)
+
+
+class GlobConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    paths: list[Annotated[str, AfterValidator(_absolute_pattern)]] = Field(min_length=1)
+    permissions: Annotated[str, AfterValidator(check_permissions)] = "rw"
+    container_dir: Annotated[str, AfterValidator(_absolute_pattern)] | None = Field(
+        default=None, alias="containerDir"
+    )
+
+
+def _static_base(pattern: str) -> str:
+    """The directory above the first wildcard: device ids are paths relative to it."""
+    parts = PurePosixPath(pattern).parts
+    static = [p for p in itertools.takewhile(lambda part: not glob.has_magic(part), parts)]
+    return str(PurePosixPath(*static[: len(parts) - 1]))
+
+
+def _levels(pattern: str) -> tuple[list[str], list[str]]:
+    """Directory patterns to watch, and the patterns an interesting entry matches.
+
+    For /dev/dri/card*: watch /, /dev, /dev/dri; entries of interest are /dev,
+    /dev/dri and /dev/dri/card* (a parent appearing matters as much as a node).
+    """
+    parts = PurePosixPath(pattern).parts
+    prefixes = [str(PurePosixPath(*parts[: i + 1])) for i in range(len(parts))]
+    return prefixes[:-1], prefixes[1:]
+
+
+class GlobBackend:
+    def __init__(self, config: GlobConfig) -> None:
+        self.config = config
+        levels = [_levels(p) for p in config.paths]
+        self._dir_patterns = sorted({d for dirs, _ in levels for d in dirs})
+        self._entry_patterns = sorted({e for _, entries in levels for e in entries})
+
+    def _device(self, name: str, path: str, rdev: int, kind: str) -> Device:
+        container_path = None
+        if self.config.container_dir is not None:
+            container_path = f"{self.config.container_dir}/{Path(path).name}"
+        sys_path = Path(f"/sys/dev/{kind}/{os.major(rdev)}:{os.minor(rdev)}")
+        with contextlib.suppress(OSError):
+            sys_path = sys_path.resolve(strict=True)
+        return Device(
+            id=device_id(name.replace("/", "-")),
+            numa_node=numa_node_of(sys_path),
+            device_nodes=(DeviceNode(path, container_path, self.config.permissions),),
+        )
+
+    def scan(self) -> list[Device]:
+        devices: dict[str, Device] = {}
+        for pattern in self.config.paths:
+            base = _static_base(pattern)
+            for path in sorted(glob.glob(pattern)):
+                try:
+                    mode = Path(path).stat()
+                except OSError:
+                    continue  # removed while we looked
+                if stat.S_ISCHR(mode.st_mode):
+                    kind = "char"
+                elif stat.S_ISBLK(mode.st_mode):
+                    kind = "block"
+                else:
+                    continue
+                device = self._device(os.path.relpath(path, base), path, mode.st_rdev, kind)
+                if device.id in devices:  # two patterns, same relative name: use the whole path
+                    device = self._device(path.lstrip("/"), path, mode.st_rdev, kind)
+                devices.setdefault(device.id, device)
+        return list(devices.values())
+
+    def _watch_dirs(self, inotify: Inotify, watches: dict[str, Watch]) -> None:
+        wanted = {
+            d for pattern in self._dir_patterns for d in glob.glob(pattern) if Path(d).is_dir()
+        }
+        for directory in wanted - watches.keys():
+            try:
+                watches[directory] = inotify.add_watch(directory, _DIR_EVENTS)
+            except OSError as error:  # vanished, or not a directory after all
+                log.debug("cannot watch %s: %s", directory, error)
+        for directory in watches.keys() - wanted:
+            with contextlib.suppress(OSError):
+                inotify.rm_watch(watches.pop(directory))
+
+    def _interesting(self, path: Path | None) -> bool:
+        return path is None or any(fnmatchcase(str(path), p) for p in self._entry_patterns)
+
+    async def watch(self) -> AsyncIterator[list[Device]]:
+        with Inotify() as inotify:
+            watches: dict[str, Watch] = {}
+            while True:
+                # Watch first, then scan: a node created in between is in the scan or an event.
+                self._watch_dirs(inotify, watches)
+                yield await asyncio.to_thread(self.scan)
+                await self._next_change(inotify, watches)
+
+    async def _next_change(self, inotify: Inotify, watches: dict[str, Watch]) -> None:
+        """Wait for an event that can change the scan, then take the rest of its burst."""
+        while True:
+            event = await inotify.get()
+            if event.mask & Mask.IGNORED:
+                _forget(watches, event.watch)
+                break
+            if self._interesting(event.path):
+                break
+        await asyncio.sleep(_SETTLE_SECONDS)
+        while True:
+            try:
+                queued = inotify.sync_get()  # the fd is non-blocking: raises when drained
+            except BlockingIOError:
+                return
+            if queued is not None and queued.mask & Mask.IGNORED:
+                _forget(watches, queued.watch)
+
+
+def _forget(watches: dict[str, Watch], gone: Watch | None) -> None:
+    """Drop a watch the kernel removed (its directory was deleted)."""
+    for directory, watch in list(watches.items()):
+        if watch is gone:
+            del watches[directory]
+
+
+def create(config: Mapping[str, Any]) -> GlobBackend:
+    return GlobBackend(GlobConfig.model_validate(config))

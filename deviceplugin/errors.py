@@ -1,0 +1,67 @@
+"""Domain errors of the device-plugin service and the one place they become gRPC statuses."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any, Concatenate, NoReturn, ParamSpec, TypeVar
+
+import grpc
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+S = TypeVar("S")
+
+
+class DevicePluginError(Exception):
+    code = grpc.StatusCode.INTERNAL
+
+
+class InvalidRequestError(DevicePluginError):
+    """The kubelet asked for something that cannot be (unknown, unhealthy, repeated ids)."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class BackendTimeoutError(DevicePluginError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class BackendFailureError(DevicePluginError):
+    """A vendor hook raised; the message is the vendor's."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
+def quoted(value: str, limit: int = 80) -> str:
+    """repr() of a request string, shortened: statuses travel in size-limited trailers."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 4] + "...'"
+
+
+async def abort(context: grpc.aio.ServicerContext[object, object], error: Exception) -> NoReturn:
+    if isinstance(error, DevicePluginError):
+        await context.abort(error.code, str(error))
+    log.exception("unexpected error in a device-plugin RPC", exc_info=error)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {error}")
+
+
+def grpc_errors(
+    method: Callable[Concatenate[S, P], Coroutine[Any, Any, R]],
+) -> Callable[Concatenate[S, P], Coroutine[Any, Any, R]]:
+    """Turn exceptions raised by a unary servicer method into statuses with messages."""
+
+    @functools.wraps(method)
+    async def wrapper(self: S, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await method(self, *args, **kwargs)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as error:
+            context = args[-1] if args else kwargs["context"]
+            await abort(context, error)  # type: ignore[arg-type]
+
+    return wrapper

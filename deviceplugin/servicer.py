@@ -1,0 +1,179 @@
+"""The DevicePlugin gRPC service of one resource (what the kubelet calls on our socket)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+
+from deviceplugin.allocation import Policy, check_ids, preferred_allocation
+from deviceplugin.backend import Allocator, Backend, ContainerEdits, Device, PreStarter
+from deviceplugin.errors import (
+    BackendFailureError,
+    BackendTimeoutError,
+    InvalidRequestError,
+    grpc_errors,
+    quoted,
+)
+from deviceplugin.names import env_name
+from deviceplugin.state import DeviceState, Unit
+from deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
+
+T = TypeVar("T")
+Context = grpc.aio.ServicerContext[object, object]
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceSettings:
+    resource_name: str
+    policy: Policy = Policy.SPREAD
+    # Bounds the vendor's allocate/pre_start hooks: the kubelet itself never times out.
+    hook_timeout: float = 10.0
+
+
+class DevicePluginServicer(api_pb2_grpc.DevicePluginServicer):
+    def __init__(
+        self,
+        settings: ServiceSettings,
+        state: DeviceState,
+        backend: Backend,
+        on_stream_end: Callable[[float], None],
+    ) -> None:
+        self.settings = settings
+        self.state = state
+        self.backend = backend
+        self.active_streams = 0
+        self._on_stream_end = on_stream_end
+
+    @property
+    def options(self) -> api_pb2.DevicePluginOptions:
+        # The same options go into RegisterRequest: the kubelet reads them from here.
+        return api_pb2.DevicePluginOptions(
+            pre_start_required=isinstance(self.backend, PreStarter),
+            get_preferred_allocation_available=True,
+        )
+
+    async def GetDevicePluginOptions(
+        self, request: api_pb2.Empty, context: Context
+    ) -> api_pb2.DevicePluginOptions:
+        return self.options
+
+    async def ListAndWatch(
+        self, request: api_pb2.Empty, context: Context
+    ) -> AsyncIterator[api_pb2.ListAndWatchResponse]:
+        self.active_streams += 1
+        started = time.monotonic()
+        try:
+            version = 0
+            while (newer := await self.state.wait_newer(version)) is not None:
+                version, response = newer
+                yield response
+        finally:
+            self.active_streams -= 1
+            self._on_stream_end(started)
+
+    @grpc_errors
+    async def GetPreferredAllocation(
+        self, request: api_pb2.PreferredAllocationRequest, context: Context
+    ) -> api_pb2.PreferredAllocationResponse:
+        response = api_pb2.PreferredAllocationResponse()
+        for container in request.container_requests:
+            chosen = preferred_allocation(
+                self.state.units,
+                container.available_deviceIDs,
+                container.must_include_deviceIDs,
+                container.allocation_size,
+                self.settings.policy,
+            )
+            response.container_responses.add(deviceIDs=chosen)
+        return response
+
+    @grpc_errors
+    async def Allocate(
+        self, request: api_pb2.AllocateRequest, context: Context
+    ) -> api_pb2.AllocateResponse:
+        # Validate every container before running any hook: no partial allocations.
+        containers = [
+            self._usable_units(f"container_requests[{index}].devices_ids", container.devices_ids)
+            for index, container in enumerate(request.container_requests)
+        ]
+        response = api_pb2.AllocateResponse()
+        for units in containers:
+            devices = _physical(units)
+            edits = ContainerEdits()
+            if isinstance(self.backend, Allocator):
+                edits = await self._hook("allocate", self.backend.allocate(devices))
+            container = response.container_responses.add()
+            container.envs[env_name(self.settings.resource_name)] = ",".join(u.id for u in units)
+            _apply(container, devices, edits)
+        return response
+
+    @grpc_errors
+    async def PreStartContainer(
+        self, request: api_pb2.PreStartContainerRequest, context: Context
+    ) -> api_pb2.PreStartContainerResponse:
+        units = check_ids("devices_ids", request.devices_ids, self.state.units)
+        if isinstance(self.backend, PreStarter):
+            await self._hook("pre_start", self.backend.pre_start(_physical(units)))
+        return api_pb2.PreStartContainerResponse()
+
+    def _usable_units(self, field: str, ids: Sequence[str]) -> list[Unit]:
+        if not ids:
+            raise InvalidRequestError(f"{field} is empty")
+        units = check_ids(field, ids, self.state.units)
+        for unit in units:
+            if not unit.healthy:
+                raise InvalidRequestError(f"{field}: device {quoted(unit.id)} is unhealthy")
+        return units
+
+    async def _hook(self, name: str, call: Awaitable[T]) -> T:
+        try:
+            async with asyncio.timeout(self.settings.hook_timeout):
+                return await call
+        except TimeoutError as error:
+            raise BackendTimeoutError(
+                f"backend {name} did not finish within {self.settings.hook_timeout:g}s"
+            ) from error
+        except Exception as error:
+            raise BackendFailureError(f"backend {name} failed: {error}") from error
+
+
+def _physical(units: Sequence[Unit]) -> list[Device]:
+    """The distinct physical devices behind some units, in order (replicas share one)."""
+    return list({unit.device.id: unit.device for unit in units}.values())
+
+
+def _apply(
+    container: api_pb2.ContainerAllocateResponse, devices: Sequence[Device], edits: ContainerEdits
+) -> None:
+    nodes = {}
+    mounts = {}
+    cdi = {}
+    parts = [
+        ContainerEdits(d.envs, d.mounts, d.device_nodes, d.annotations, d.cdi_devices)
+        for d in devices
+    ]
+    for part in (*parts, edits):
+        for node in part.device_nodes:
+            nodes[node.container_path or node.host_path] = node
+        for mount in part.mounts:
+            mounts[mount.container_path] = mount
+        cdi.update(dict.fromkeys(part.cdi_devices))
+        container.envs.update(part.envs)
+        container.annotations.update(part.annotations)
+    for path, node in nodes.items():
+        container.devices.add(
+            container_path=path, host_path=node.host_path, permissions=node.permissions
+        )
+    for mount in mounts.values():
+        container.mounts.add(
+            container_path=mount.container_path,
+            host_path=mount.host_path,
+            read_only=mount.read_only,
+        )
+    for name in cdi:
+        container.cdi_devices.add(name=name)

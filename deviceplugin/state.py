@@ -1,0 +1,154 @@
+"""A resource's devices as the kubelet sees them: the one place device state lives.
+
+The backend's snapshots of physical devices come in; out go the allocatable units
+(one per device, or `replicas` per device when shared), a prebuilt ListAndWatch
+response, and a wake-up for every stream when something the kubelet sees changed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+
+from deviceplugin.backend import Device
+from deviceplugin.names import device_id_problem
+from deviceplugin.v1beta1 import api_pb2
+
+log = logging.getLogger(__name__)
+
+HEALTHY = "Healthy"
+UNHEALTHY = "Unhealthy"
+REPLICA_SEPARATOR = "::"
+
+
+@dataclass(frozen=True, slots=True)
+class Unit:
+    """One allocatable id: a whole device, or one replica of a shared device."""
+
+    id: str
+    device: Device
+
+    @property
+    def healthy(self) -> bool:
+        return self.device.healthy
+
+
+@dataclass(frozen=True, slots=True)
+class Diff:
+    added: tuple[str, ...]
+    removed: tuple[str, ...]
+    # Health or NUMA node changed: what the kubelet sees of a device.
+    changed: tuple[str, ...]
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.removed or self.changed)
+
+
+class DeviceState:
+    """Current devices of one resource, with change notification for ListAndWatch."""
+
+    def __init__(self, replicas: int = 1) -> None:
+        if replicas < 1:
+            raise ValueError("replicas must be at least 1")
+        self.replicas = replicas
+        self.devices: dict[str, Device] = {}
+        self.units: dict[str, Unit] = {}
+        self.version = 0
+        self.response = api_pb2.ListAndWatchResponse()
+        self._changed = asyncio.Event()
+        self.closed = False
+        self._health_overrides: dict[str, bool] = {}
+        # The backend's last snapshot, before health-check overrides.
+        self.reported: list[Device] = []
+
+    def update(self, snapshot: Sequence[Device]) -> Diff:
+        """Replace the device list with a backend snapshot; return what changed."""
+        self.reported = self._valid(snapshot)
+        return self._rebuild()
+
+    def set_health(self, health: dict[str, bool]) -> Diff:
+        """Apply health-check results on top of the backend's snapshot."""
+        self._health_overrides = dict(health)
+        return self._rebuild()
+
+    async def wait_newer(self, version: int) -> tuple[int, api_pb2.ListAndWatchResponse] | None:
+        """Wait until the state is newer than `version`; return the new version and list.
+
+        None means the state was closed (the plugin is stopping): streams end cleanly
+        instead of holding the server's shutdown grace period.
+        """
+        while self.version <= version and not self.closed:
+            await self._changed.wait()
+        if self.closed:
+            return None
+        return self.version, self.response
+
+    def close(self) -> None:
+        self.closed = True
+        self._changed.set()
+
+    def _rebuild(self) -> Diff:
+        devices = {}
+        for reported in self.reported:
+            override = self._health_overrides.get(reported.id)
+            if override is None or override == reported.healthy:
+                devices[reported.id] = reported
+            else:
+                devices[reported.id] = replace(reported, healthy=override)
+        diff = _diff(self.devices, devices)
+        self.devices = devices
+        self.units = {unit.id: unit for unit in self._expand(devices.values())}
+        if diff or self.version == 0:
+            self.response = _list_response(self.units.values())
+            self.version += 1
+            self._changed.set()
+            self._changed = asyncio.Event()
+        return diff
+
+    def _expand(self, devices: Iterable[Device]) -> Iterable[Unit]:
+        for device in devices:
+            if self.replicas == 1:
+                yield Unit(device.id, device)
+            else:
+                for index in range(self.replicas):
+                    yield Unit(f"{device.id}{REPLICA_SEPARATOR}{index}", device)
+
+    def _valid(self, snapshot: Sequence[Device]) -> list[Device]:
+        """Drop (and log) devices the kubelet could not take, instead of failing the resource."""
+        valid: dict[str, Device] = {}
+        for device in snapshot:
+            problem = device_id_problem(device.id)
+            if problem is None and self.replicas > 1 and REPLICA_SEPARATOR in device.id:
+                problem = f"device id {device.id!r} contains {REPLICA_SEPARATOR!r}"
+            if problem is None and device.id in valid:
+                problem = f"device id {device.id!r} reported twice"
+            if problem is not None:
+                log.error("backend reported an unusable device, ignoring it: %s", problem)
+                continue
+            valid[device.id] = device
+        return list(valid.values())
+
+
+def _diff(old: dict[str, Device], new: dict[str, Device]) -> Diff:
+    return Diff(
+        added=tuple(sorted(new.keys() - old.keys())),
+        removed=tuple(sorted(old.keys() - new.keys())),
+        changed=tuple(
+            sorted(
+                i
+                for i in new.keys() & old.keys()
+                if new[i].healthy != old[i].healthy or new[i].numa_node != old[i].numa_node
+            )
+        ),
+    )
+
+
+def _list_response(units: Iterable[Unit]) -> api_pb2.ListAndWatchResponse:
+    response = api_pb2.ListAndWatchResponse()
+    for unit in units:
+        entry = response.devices.add(ID=unit.id, health=HEALTHY if unit.healthy else UNHEALTHY)
+        if unit.device.numa_node is not None:
+            entry.topology.nodes.add(ID=unit.device.numa_node)
+    return response

@@ -1,0 +1,211 @@
+"""A kubelet device manager simulator, speaking the real v1beta1 protocol over Unix sockets.
+
+It does what the kubelet does with device plugins, no more: serves Registration on
+kubelet.sock; on Register checks the version and the resource name, dials the plugin
+back, asks GetDevicePluginOptions, then follows ListAndWatch; it can call Allocate,
+GetPreferredAllocation and PreStartContainer as pod admission would; and restart() is a
+kubelet restart (every socket in the directory removed, kubelet.sock created anew).
+Used by the tests and by `nodeplug sandbox`; vendors can drive their backends with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import stat
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from deviceplugin.names import resource_name_problem
+from deviceplugin.socketdir import KUBELET_SOCKET
+from deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
+
+SUPPORTED_VERSIONS = ("v1beta1",)
+DIAL_TIMEOUT = 10.0
+
+
+@dataclass
+class PluginClient:
+    """The simulator's view of one registered resource."""
+
+    resource_name: str
+    endpoint: str
+    options: api_pb2.DevicePluginOptions
+    channel: grpc.aio.Channel
+    stub: api_pb2_grpc.DevicePluginAsyncStub
+    devices: dict[str, api_pb2.Device] = field(default_factory=dict)
+    updates: int = 0
+    # Ids handed to containers by admit(), as the kubelet's checkpoint would record them.
+    allocated: set[str] = field(default_factory=set)
+    stream_task: asyncio.Task[None] | None = None
+
+    def healthy_ids(self) -> list[str]:
+        return sorted(i for i, d in self.devices.items() if d.health == "Healthy")
+
+
+class FakeKubelet(api_pb2_grpc.RegistrationServicer):
+    def __init__(self, device_plugin_dir: Path) -> None:
+        self.directory = device_plugin_dir
+        self.socket = device_plugin_dir / KUBELET_SOCKET
+        self.clients: dict[str, PluginClient] = {}
+        self.register_requests: list[api_pb2.RegisterRequest] = []
+        self._server: grpc.aio.Server | None = None
+        self._changed = asyncio.Condition()
+
+    async def start(self, *, clean: bool = True) -> None:
+        """Serve kubelet.sock; clean=True first removes every socket, as the kubelet does."""
+        self.directory.mkdir(mode=0o750, parents=True, exist_ok=True)
+        if clean:
+            for path in self.directory.iterdir():
+                if stat.S_ISSOCK(path.lstat().st_mode):
+                    path.unlink()
+        server = grpc.aio.server()
+        api_pb2_grpc.add_RegistrationServicer_to_server(self, server)
+        server.add_insecure_port(f"unix:{self.socket}")
+        await server.start()
+        self._server = server
+
+    async def stop(self) -> None:
+        """The kubelet process ends: its server and its plugin connections go away."""
+        if self._server is not None:
+            await self._server.stop(grace=None)
+            self._server = None
+        for client in list(self.clients.values()):
+            await self._disconnect(client)
+        self.clients.clear()
+
+    async def restart(self) -> None:
+        await self.stop()
+        with contextlib.suppress(FileNotFoundError):
+            self.socket.unlink()
+        await self.start(clean=True)
+
+    async def __aenter__(self) -> FakeKubelet:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+        with contextlib.suppress(FileNotFoundError):
+            self.socket.unlink()
+
+    async def Register(
+        self, request: api_pb2.RegisterRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> api_pb2.Empty:
+        self.register_requests.append(request)
+        if request.version not in SUPPORTED_VERSIONS:
+            await context.abort(
+                grpc.StatusCode.UNKNOWN,
+                f"requested device plugin version {request.version} is not supported",
+            )
+        if resource_name_problem(request.resource_name) is not None:
+            await context.abort(
+                grpc.StatusCode.UNKNOWN, f"the ResourceName {request.resource_name!r} is invalid"
+            )
+        endpoint = self.directory / request.endpoint
+        channel = grpc.aio.insecure_channel(f"unix:{endpoint}")
+        try:
+            async with asyncio.timeout(DIAL_TIMEOUT):
+                await channel.channel_ready()
+            stub = api_pb2_grpc.DevicePluginStub(channel)
+            options = await stub.GetDevicePluginOptions(api_pb2.Empty(), timeout=DIAL_TIMEOUT)
+        except (TimeoutError, grpc.aio.AioRpcError) as error:
+            await channel.close()
+            await context.abort(grpc.StatusCode.UNKNOWN, f"cannot connect to {endpoint}: {error}")
+        client = PluginClient(request.resource_name, request.endpoint, options, channel, stub)
+        old = self.clients.get(request.resource_name)
+        self.clients[request.resource_name] = client
+        client.stream_task = asyncio.create_task(self._list_and_watch(client))
+        if old is not None:
+            await self._disconnect(old)
+        return api_pb2.Empty()
+
+    async def _list_and_watch(self, client: PluginClient) -> None:
+        try:
+            async for response in client.stub.ListAndWatch(api_pb2.Empty()):
+                async with self._changed:
+                    client.devices = {device.ID: device for device in response.devices}
+                    client.updates += 1
+                    self._changed.notify_all()
+        except grpc.aio.AioRpcError:
+            pass  # the plugin went away; like the kubelet, never dial back
+        finally:
+            async with self._changed:
+                if self.clients.get(client.resource_name) is client:
+                    del self.clients[client.resource_name]
+                self._changed.notify_all()
+
+    async def _disconnect(self, client: PluginClient) -> None:
+        if client.stream_task is not None:
+            client.stream_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await client.stream_task
+        await client.channel.close()
+
+    async def wait_for(
+        self, predicate: Callable[[dict[str, PluginClient]], bool], timeout: float = 10.0
+    ) -> None:
+        """Wait until predicate(clients) holds (checked on every registration and update)."""
+        async with asyncio.timeout(timeout), self._changed:
+            await self._changed.wait_for(lambda: predicate(self.clients))
+
+    async def wait_for_devices(
+        self,
+        resource: str,
+        predicate: Callable[[dict[str, api_pb2.Device]], bool],
+        timeout: float = 10.0,
+    ) -> dict[str, api_pb2.Device]:
+        await self.wait_for(
+            lambda clients: resource in clients and predicate(clients[resource].devices), timeout
+        )
+        return self.clients[resource].devices
+
+    async def drop_stream(self, resource: str) -> None:
+        """Break the ListAndWatch stream of a resource, as a lost connection would."""
+        await self._disconnect(self.client(resource))
+
+    def client(self, resource: str) -> PluginClient:
+        try:
+            return self.clients[resource]
+        except KeyError:
+            raise LookupError(f"{resource} is not registered") from None
+
+    async def allocate(
+        self, resource: str, containers: Sequence[Sequence[str]]
+    ) -> api_pb2.AllocateResponse:
+        request = api_pb2.AllocateRequest()
+        for ids in containers:
+            request.container_requests.add(devices_ids=ids)
+        return await self.client(resource).stub.Allocate(request, timeout=30)
+
+    async def preferred_allocation(
+        self, resource: str, available: Sequence[str], must_include: Sequence[str], size: int
+    ) -> list[str]:
+        request = api_pb2.PreferredAllocationRequest()
+        request.container_requests.add(
+            available_deviceIDs=available, must_include_deviceIDs=must_include, allocation_size=size
+        )
+        response = await self.client(resource).stub.GetPreferredAllocation(request, timeout=30)
+        return list(response.container_responses[0].deviceIDs)
+
+    async def pre_start(self, resource: str, ids: Sequence[str]) -> None:
+        await self.client(resource).stub.PreStartContainer(
+            api_pb2.PreStartContainerRequest(devices_ids=ids), timeout=30
+        )
+
+    async def admit(self, resource: str, count: int) -> api_pb2.ContainerAllocateResponse:
+        """What pod admission does for one container asking for `count` devices."""
+        client = self.client(resource)
+        available = [i for i in client.healthy_ids() if i not in client.allocated]
+        if client.options.get_preferred_allocation_available:
+            chosen = await self.preferred_allocation(resource, available, [], count)
+        else:
+            chosen = available[:count]
+        response = await self.allocate(resource, [chosen])
+        if client.options.pre_start_required:
+            await self.pre_start(resource, chosen)
+        client.allocated.update(chosen)
+        return response.container_responses[0]

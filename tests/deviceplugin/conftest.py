@@ -1,0 +1,49 @@
+"""A daemon and a simulated kubelet, wired over real Unix sockets in a temp dir."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from daemon import config as configuration
+from daemon.supervisor import Daemon
+from deviceplugin.backend import Backend
+from deviceplugin.testkit import FakeKubelet
+
+
+def make_config(root: Path, *plugins: dict[str, Any]) -> configuration.Config:
+    return configuration.parse(
+        {
+            "kubeletDir": str(root / "kubelet"),
+            "stateDir": str(root / "state"),
+            "devicePlugins": list(plugins),
+        }
+    )
+
+
+@contextlib.asynccontextmanager
+async def running(
+    config: configuration.Config, backends: Sequence[Backend] | None = None
+) -> AsyncIterator[Daemon]:
+    """Run a Daemon in this loop for the block; stop it and check it stopped cleanly."""
+    if backends is None:
+        backends = configuration.create_backends(config)
+    daemon = Daemon(config, backends)
+    stop = asyncio.Event()
+    task = asyncio.create_task(daemon.run(stop))
+    try:
+        yield daemon
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=10)
+
+
+@pytest.fixture
+async def kubelet(short_tmp: Path) -> AsyncIterator[FakeKubelet]:
+    async with FakeKubelet(short_tmp / "kubelet" / "device-plugins") as fake:
+        yield fake
