@@ -1,0 +1,108 @@
+"""The `csi:` section of the daemon's config.
+
+csi:
+  driverName: local.csi.nodeplug.io
+  nodeId: node-1                 # defaults to the host name
+  pool:
+    path: /var/lib/nodeplug/pool        # a mounted btrfs filesystem, or
+    image: /var/lib/nodeplug/pool.img   # a btrfs image the daemon creates and loop-mounts at path
+    size: 20Gi                          # with image: its size
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+# GetPluginInfo: domain-name notation, at most 63 characters (the spec's rule).
+_DRIVER_NAME = re.compile(r"^[a-zA-Z0-9]([a-zA-Z0-9.-]{0,61}[a-zA-Z0-9])?$")
+# NodeGetInfo: node_id at most 256 bytes; it is also a topology segment value (63 chars).
+_NODE_ID = re.compile(r"^[a-zA-Z0-9]([a-zA-Z0-9._-]{0,61}[a-zA-Z0-9])?$")
+_UNITS = {
+    "": 1,
+    "k": 1000,
+    "M": 1000**2,
+    "G": 1000**3,
+    "T": 1000**4,
+    "Ki": 1024,
+    "Mi": 1024**2,
+    "Gi": 1024**3,
+    "Ti": 1024**4,
+}
+_QUANTITY = re.compile(r"^([0-9]+)(|k|M|G|T|Ki|Mi|Gi|Ti)$")
+# mkfs.btrfs refuses smaller filesystems.
+MIN_POOL_IMAGE_SIZE = 128 * 1024**2
+
+
+def parse_quantity(value: object) -> int:
+    """A Kubernetes-style byte quantity ("20Gi", "512Mi", "1000000") as bytes."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    match = _QUANTITY.match(str(value).strip())
+    if match is None:
+        raise ValueError(f"{value!r} is not a byte quantity such as 20Gi or 512Mi")
+    return int(match.group(1)) * _UNITS[match.group(2)]
+
+
+def _absolute(path: Path) -> Path:
+    if not path.is_absolute():
+        raise ValueError(f"must be an absolute path, not {str(path)!r}")
+    if "\0" in str(path):
+        raise ValueError("must not contain NUL bytes")
+    return path
+
+
+def _matches(pattern: re.Pattern[str], what: str) -> AfterValidator:
+    def check(value: str) -> str:
+        if pattern.match(value) is None:
+            raise ValueError(f"{value!r} is not a valid {what}")
+        return value
+
+    return AfterValidator(check)
+
+
+def _default_node_id() -> str:
+    return socket.gethostname().split(".")[0]
+
+
+AbsolutePath = Annotated[Path, AfterValidator(_absolute)]
+Bytes = Annotated[int, BeforeValidator(parse_quantity), Field(gt=0)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class PoolConfig(_Section):
+    path: AbsolutePath
+    image: AbsolutePath | None = None
+    size: Bytes | None = None
+
+    @model_validator(mode="after")
+    def _check_image(self) -> PoolConfig:
+        if self.image is None and self.size is not None:
+            raise ValueError("size: only used with image (a mounted pool has its own size)")
+        if self.image is not None:
+            if self.size is None:
+                raise ValueError("size: required with image")
+            if self.size < MIN_POOL_IMAGE_SIZE:
+                raise ValueError(f"size: at least {MIN_POOL_IMAGE_SIZE} bytes for btrfs")
+        return self
+
+
+class CsiConfig(_Section):
+    driver_name: Annotated[str, _matches(_DRIVER_NAME, "CSI driver name")] = Field(
+        alias="driverName"
+    )
+    node_id: Annotated[str, _matches(_NODE_ID, "node id")] = Field(
+        default_factory=_default_node_id, alias="nodeId"
+    )
+    pool: PoolConfig
+
+    @property
+    def topology_key(self) -> str:
+        return f"topology.{self.driver_name}/node"

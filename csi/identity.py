@@ -1,0 +1,55 @@
+"""CSI Identity service: who the driver is, what it can do, whether it is ready."""
+
+from __future__ import annotations
+
+from importlib import metadata
+from typing import TYPE_CHECKING
+
+import grpc
+from google.protobuf import wrappers_pb2
+
+from csi.errors import rpc
+from csi.v1 import csi_pb2, csi_pb2_grpc
+
+if TYPE_CHECKING:
+    from csi.driver import CsiDriver
+
+Service = csi_pb2.PluginCapability.Service
+Expansion = csi_pb2.PluginCapability.VolumeExpansion
+Context = grpc.aio.ServicerContext[object, object]
+
+
+def vendor_version() -> str:
+    try:
+        return metadata.version("nodeplug")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+class IdentityServicer(csi_pb2_grpc.IdentityServicer):
+    CAPABILITIES = (
+        csi_pb2.PluginCapability(service=Service(type=Service.CONTROLLER_SERVICE)),
+        csi_pb2.PluginCapability(service=Service(type=Service.VOLUME_ACCESSIBILITY_CONSTRAINTS)),
+        csi_pb2.PluginCapability(volume_expansion=Expansion(type=Expansion.ONLINE)),
+    )
+
+    def __init__(self, driver: CsiDriver) -> None:
+        self.driver = driver
+
+    @rpc
+    async def GetPluginInfo(
+        self, request: csi_pb2.GetPluginInfoRequest, context: Context
+    ) -> csi_pb2.GetPluginInfoResponse:
+        return csi_pb2.GetPluginInfoResponse(
+            name=self.driver.config.driver_name, vendor_version=vendor_version()
+        )
+
+    @rpc
+    async def GetPluginCapabilities(
+        self, request: csi_pb2.GetPluginCapabilitiesRequest, context: Context
+    ) -> csi_pb2.GetPluginCapabilitiesResponse:
+        return csi_pb2.GetPluginCapabilitiesResponse(capabilities=self.CAPABILITIES)
+
+    @rpc
+    async def Probe(self, request: csi_pb2.ProbeRequest, context: Context) -> csi_pb2.ProbeResponse:
+        return csi_pb2.ProbeResponse(ready=wrappers_pb2.BoolValue(value=self.driver.ready))

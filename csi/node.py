@@ -1,0 +1,378 @@
+"""CSI Node service: stage, publish and measure volumes with real mounts.
+
+Filesystem volumes: NodeStage bind-mounts the volume's subvolume at the staging
+path; NodePublish bind-mounts the staging path at the target (read-only when
+asked). Block volumes: NodeStage attaches the volume's file to a loop device;
+NodePublish bind-mounts that device onto a file at the target. Every path from a
+request must be inside the kubelet's directory (see validation.request_path).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import grpc
+
+from csi import mounts, validation
+from csi.controller import volume_key
+from csi.errors import (
+    AlreadyExistsError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    OutOfRangeError,
+    quoted,
+    rpc,
+)
+from csi.pool import VOLUMES, is_subvolume, usage
+from csi.state import (
+    PublishRecord,
+    Rec,
+    StageRecord,
+    Status,
+    VolumeRecord,
+    create_recorded,
+    delete_recorded,
+)
+from csi.v1 import csi_pb2, csi_pb2_grpc
+
+if TYPE_CHECKING:
+    from csi.driver import CsiDriver
+
+RPC = csi_pb2.NodeServiceCapability.RPC
+Mode = csi_pb2.VolumeCapability.AccessMode.Mode
+Unit = csi_pb2.VolumeUsage.Unit
+Context = grpc.aio.ServicerContext[object, object]
+
+
+class NodeServicer(csi_pb2_grpc.NodeServicer):
+    CAPABILITIES = tuple(
+        csi_pb2.NodeServiceCapability(rpc=RPC(type=kind))
+        for kind in (
+            RPC.STAGE_UNSTAGE_VOLUME,
+            RPC.GET_VOLUME_STATS,
+            RPC.EXPAND_VOLUME,
+            RPC.VOLUME_CONDITION,
+            RPC.SINGLE_NODE_MULTI_WRITER,
+        )
+    )
+
+    def __init__(self, driver: CsiDriver) -> None:
+        self.driver = driver
+
+    def _path(self, value: str, field: str) -> Path:
+        return validation.request_path(value, self.driver.kubelet_dir, field)
+
+    def _capability(
+        self, request_capability: csi_pb2.VolumeCapability, has: bool, volume: VolumeRecord
+    ) -> None:
+        if not has:
+            raise InvalidArgumentError("volume_capability is required")
+        validation.capability(request_capability, "volume_capability")
+        if (request_capability.WhichOneof("access_type") == "block") != volume.block:
+            kind = "block" if volume.block else "filesystem"
+            raise InvalidArgumentError(f"volume_capability: volume {volume.id} is a {kind} volume")
+
+    # --- stage ----------------------------------------------------------------------------
+
+    @rpc
+    async def NodeStageVolume(
+        self, request: csi_pb2.NodeStageVolumeRequest, context: Context
+    ) -> csi_pb2.NodeStageVolumeResponse:
+        volume_id = validation.object_id(request.volume_id, validation.VOLUME_PREFIX, "volume_id")
+        path = self._path(request.staging_target_path, "staging_target_path")
+        if not request.HasField("volume_capability"):
+            raise InvalidArgumentError("volume_capability is required")
+        with self.driver.locks.hold(volume_key(volume_id)):
+            volume = self.driver.volume(volume_id)
+            self._capability(request.volume_capability, True, volume)
+            key = validation.capability_key(request.volume_capability)
+            state = self.driver.store.state
+            existing = state.stagings.get(str(path))
+            if existing is not None and existing.status is Status.READY:
+                if existing.volume_id == volume_id and existing.capability == key:
+                    return csi_pb2.NodeStageVolumeResponse()
+                raise AlreadyExistsError(
+                    f"staging_target_path {quoted(str(path))} holds another staging"
+                )
+            other = next(
+                (
+                    s
+                    for s in state.stagings.values()
+                    if s.volume_id == volume_id and s.path != str(path)
+                ),
+                None,
+            )
+            if other is not None:
+                raise FailedPreconditionError(
+                    f"volume {volume_id} is already staged at {other.path}"
+                )
+            record = StageRecord(volume_id=volume_id, path=str(path), capability=key)
+
+            async def work() -> None:
+                await self._stage(volume, record, request.volume_capability)
+
+            async def undo() -> None:
+                await self._unstage(record)
+
+            await create_recorded(
+                self.driver.store, state.stagings, record.path, record, work, undo
+            )
+        return csi_pb2.NodeStageVolumeResponse()
+
+    async def _stage(
+        self, volume: VolumeRecord, record: StageRecord, capability: csi_pb2.VolumeCapability
+    ) -> None:
+        path = Path(record.path)
+        await asyncio.to_thread(path.mkdir, mode=0o750, exist_ok=True)
+        if volume.block:
+            record.loop_device = await self.driver.pool.attach(
+                self.driver.pool.disk_path(volume.id)
+            )
+            return
+        source = self.driver.pool.volume_path(volume.id)
+        if not is_subvolume(source):
+            raise NotFoundError(f"volume {volume.id} has no data on this node")
+        await mounts.bind(source, path, readonly=False, options=list(capability.mount.mount_flags))
+
+    async def _unstage(self, record: StageRecord) -> None:
+        await mounts.unmount(Path(record.path))
+        disk = self.driver.pool.disk_path(record.volume_id)
+        if disk.exists():
+            for device in await self.driver.pool.loop_devices(disk):
+                await self.driver.pool.detach(device)
+
+    @rpc
+    async def NodeUnstageVolume(
+        self, request: csi_pb2.NodeUnstageVolumeRequest, context: Context
+    ) -> csi_pb2.NodeUnstageVolumeResponse:
+        volume_id = validation.object_id(request.volume_id, validation.VOLUME_PREFIX, "volume_id")
+        path = self._path(request.staging_target_path, "staging_target_path")
+        await self._tear_down(self.driver.store.state.stagings, path, volume_id, self._unstage)
+        return csi_pb2.NodeUnstageVolumeResponse()
+
+    async def _tear_down(
+        self,
+        table: dict[str, Rec],
+        path: Path,
+        volume_id: str,
+        undo: Callable[[Rec], Awaitable[None]],
+    ) -> None:
+        """Undo the staging or publication of volume_id at path; OK if there is none."""
+        with self.driver.locks.hold(volume_key(volume_id)):
+            record = table.get(str(path))
+            if record is None or getattr(record, "volume_id", None) != volume_id:
+                if volume_id not in self.driver.store.state.volumes:
+                    raise NotFoundError(f"volume {volume_id} does not exist")
+                return
+            await delete_recorded(self.driver.store, table, str(path), partial(undo, record))
+
+    # --- publish --------------------------------------------------------------------------
+
+    @rpc
+    async def NodePublishVolume(
+        self, request: csi_pb2.NodePublishVolumeRequest, context: Context
+    ) -> csi_pb2.NodePublishVolumeResponse:
+        volume_id = validation.object_id(request.volume_id, validation.VOLUME_PREFIX, "volume_id")
+        target = self._path(request.target_path, "target_path")
+        staging = self._path(request.staging_target_path, "staging_target_path")
+        if not request.HasField("volume_capability"):
+            raise InvalidArgumentError("volume_capability is required")
+        with self.driver.locks.hold(volume_key(volume_id)):
+            volume = self.driver.volume(volume_id)
+            self._capability(request.volume_capability, True, volume)
+            state = self.driver.store.state
+            stage = state.stagings.get(str(staging))
+            if stage is None or stage.volume_id != volume_id or stage.status is not Status.READY:
+                raise FailedPreconditionError(f"volume {volume_id} is not staged at {staging}")
+            mode = request.volume_capability.access_mode.mode
+            readonly = request.readonly or mode in validation.READ_ONLY_MODES
+            record = PublishRecord(
+                volume_id=volume_id,
+                path=str(target),
+                staging_path=str(staging),
+                capability=validation.capability_key(request.volume_capability),
+                readonly=readonly,
+            )
+            existing = state.publications.get(record.path)
+            if existing is not None and existing.status is Status.READY:
+                if (
+                    existing.volume_id,
+                    existing.capability,
+                    existing.readonly,
+                    existing.staging_path,
+                ) == (
+                    volume_id,
+                    record.capability,
+                    readonly,
+                    record.staging_path,
+                ):
+                    return csi_pb2.NodePublishVolumeResponse()
+                raise AlreadyExistsError(
+                    f"target_path {quoted(record.path)} is published differently"
+                )
+            self._check_single_writer(volume_id, record.path, mode)
+            flags = list(request.volume_capability.mount.mount_flags)
+
+            async def work() -> None:
+                await self._publish(volume, stage, record, flags)
+
+            await create_recorded(
+                self.driver.store,
+                state.publications,
+                record.path,
+                record,
+                work,
+                partial(self._unpublish, record),
+            )
+        return csi_pb2.NodePublishVolumeResponse()
+
+    def _check_single_writer(self, volume_id: str, target: str, mode: int) -> None:
+        """SINGLE_NODE_SINGLE_WRITER: one target at a time, whichever side asked for it."""
+        single = Mode.SINGLE_NODE_SINGLE_WRITER
+        for other in self.driver.store.state.publications.values():
+            if other.volume_id != volume_id or other.path == target:
+                continue
+            other_mode = csi_pb2.VolumeCapability.FromString(
+                bytes.fromhex(other.capability)
+            ).access_mode.mode
+            if single in (mode, other_mode):
+                raise FailedPreconditionError(
+                    f"volume {volume_id} is SINGLE_NODE_SINGLE_WRITER and already "
+                    f"published at {other.path}"
+                )
+
+    async def _publish(
+        self, volume: VolumeRecord, stage: StageRecord, record: PublishRecord, flags: list[str]
+    ) -> None:
+        target = Path(record.path)
+        if volume.block:
+            await asyncio.to_thread(target.touch, mode=0o600, exist_ok=True)
+            await mounts.bind(Path(stage.loop_device), target, record.readonly, [])
+        else:
+            await asyncio.to_thread(target.mkdir, mode=0o750, exist_ok=True)
+            await mounts.bind(Path(stage.path), target, record.readonly, flags)
+
+    async def _unpublish(self, record: PublishRecord) -> None:
+        target = Path(record.path)
+        await mounts.unmount(target)
+        await mounts.remove_mount_point(target)
+
+    @rpc
+    async def NodeUnpublishVolume(
+        self, request: csi_pb2.NodeUnpublishVolumeRequest, context: Context
+    ) -> csi_pb2.NodeUnpublishVolumeResponse:
+        volume_id = validation.object_id(request.volume_id, validation.VOLUME_PREFIX, "volume_id")
+        target = self._path(request.target_path, "target_path")
+        await self._tear_down(
+            self.driver.store.state.publications, target, volume_id, self._unpublish
+        )
+        return csi_pb2.NodeUnpublishVolumeResponse()
+
+    # --- stats and expansion -----------------------------------------------------------------
+
+    def _volume_at(
+        self, volume_id: str, path: Path
+    ) -> tuple[VolumeRecord, StageRecord | PublishRecord]:
+        volume = self.driver.volume(volume_id)
+        state = self.driver.store.state
+        where = state.publications.get(str(path)) or state.stagings.get(str(path))
+        if where is None or where.volume_id != volume_id:
+            raise NotFoundError(f"volume {volume_id} is not staged or published at {path}")
+        return volume, where
+
+    async def _condition(
+        self, volume: VolumeRecord, where: StageRecord | PublishRecord
+    ) -> str | None:
+        """What is wrong with the volume at this path, or None if it is healthy."""
+        source = self.driver.pool.volume_path(volume.id)
+        if not is_subvolume(source):
+            return "the volume's subvolume is missing from the pool"
+        if volume.block and not self.driver.pool.disk_path(volume.id).exists():
+            return "the volume's block file is missing"
+        if volume.block and isinstance(where, StageRecord):
+            devices = await self.driver.pool.loop_devices(self.driver.pool.disk_path(volume.id))
+            return None if where.loop_device in devices else "the loop device is detached"
+        mount = await mounts.mounted_at(Path(where.path))
+        if mount is None:
+            return f"nothing is mounted at {where.path}"
+        if not volume.block and mount.root != f"/{VOLUMES}/{volume.id}":
+            return f"{where.path} shows {mount.root}, not the volume"
+        return None
+
+    @rpc
+    async def NodeGetVolumeStats(
+        self, request: csi_pb2.NodeGetVolumeStatsRequest, context: Context
+    ) -> csi_pb2.NodeGetVolumeStatsResponse:
+        volume_id = validation.object_id(request.volume_id, validation.VOLUME_PREFIX, "volume_id")
+        path = self._path(request.volume_path, "volume_path")
+        volume, where = self._volume_at(volume_id, path)
+        problem = await self._condition(volume, where)
+        condition = csi_pb2.VolumeCondition(
+            abnormal=problem is not None, message=problem or "healthy"
+        )
+        response = csi_pb2.NodeGetVolumeStatsResponse(volume_condition=condition)
+        if problem is not None:
+            return response
+        if volume.block:
+            response.usage.add(total=volume.capacity, unit=Unit.BYTES)
+            return response
+        used = await self.driver.pool.referenced(self.driver.pool.volume_path(volume_id))
+        response.usage.add(
+            total=volume.capacity,
+            used=used,
+            available=max(0, volume.capacity - used),
+            unit=Unit.BYTES,
+        )
+        stats = await usage(path)
+        if stats.inodes:
+            response.usage.add(
+                total=stats.inodes,
+                used=stats.inodes_used,
+                available=stats.inodes_free,
+                unit=Unit.INODES,
+            )
+        return response
+
+    @rpc
+    async def NodeExpandVolume(
+        self, request: csi_pb2.NodeExpandVolumeRequest, context: Context
+    ) -> csi_pb2.NodeExpandVolumeResponse:
+        volume_id = validation.object_id(request.volume_id, validation.VOLUME_PREFIX, "volume_id")
+        path = self._path(request.volume_path, "volume_path")
+        with self.driver.locks.hold(volume_key(volume_id)):
+            volume, _ = self._volume_at(volume_id, path)
+            wanted = (
+                request.capacity_range.required_bytes if request.HasField("capacity_range") else 0
+            )
+            if wanted > volume.capacity:
+                raise OutOfRangeError(
+                    f"capacity_range: {wanted} bytes is more than the volume's {volume.capacity}; "
+                    "ControllerExpandVolume first"
+                )
+            if volume.block:
+                for device in await self.driver.pool.loop_devices(
+                    self.driver.pool.disk_path(volume_id)
+                ):
+                    await self.driver.pool.refresh(device)
+        return csi_pb2.NodeExpandVolumeResponse(capacity_bytes=volume.capacity)
+
+    # --- node information ----------------------------------------------------------------
+
+    @rpc
+    async def NodeGetCapabilities(
+        self, request: csi_pb2.NodeGetCapabilitiesRequest, context: Context
+    ) -> csi_pb2.NodeGetCapabilitiesResponse:
+        return csi_pb2.NodeGetCapabilitiesResponse(capabilities=self.CAPABILITIES)
+
+    @rpc
+    async def NodeGetInfo(
+        self, request: csi_pb2.NodeGetInfoRequest, context: Context
+    ) -> csi_pb2.NodeGetInfoResponse:
+        return csi_pb2.NodeGetInfoResponse(
+            node_id=self.driver.config.node_id, accessible_topology=self.driver.topology
+        )

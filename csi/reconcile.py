@@ -1,0 +1,131 @@
+"""After a start (or a crash), make the state store and reality agree.
+
+Operations record their intent before they act, so whatever a crash interrupted
+is visible as a record that is not READY: it is undone (a half-created volume is
+deleted, a half-done mount unmounted) or finished (a deletion). READY records
+whose mount or loop device is gone (a reboot) are dropped, and mounts or loop
+devices of pool volumes that no record explains are removed. Subvolumes that no
+record explains are only reported: without a record we cannot tell leaked data
+from a lost state file, and deleting data is not a guess to make.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+
+from csi import mounts
+from csi.errors import CommandError
+from csi.pool import VOLUMES, Pool
+from csi.state import State, StateStore, Status
+
+log = logging.getLogger(__name__)
+
+
+async def reconcile(store: StateStore, pool: Pool, kubelet_dir: Path) -> None:
+    state = store.state
+    await _volumes(state, pool)
+    await _snapshots(state, pool)
+    table = await mounts.mounts()
+    mounted = {m.mount_point for m in table}
+    await _publications(state, mounted)
+    await _stagings(state, pool, mounted)
+    await _stray_mounts(state, kubelet_dir, table)
+    await _stray_loops(state, pool)
+    await store.save()
+    _report_orphans(state, pool)
+
+
+async def _volumes(state: State, pool: Pool) -> None:
+    for record in list(state.volumes.values()):
+        if record.status is Status.READY:
+            continue
+        log.warning(
+            "finishing an interrupted volume operation",
+            extra={"volume": record.id, "status": record.status},
+        )
+        await pool.delete_subvolume(pool.volume_path(record.id))
+        del state.volumes[record.id]
+
+
+async def _snapshots(state: State, pool: Pool) -> None:
+    for record in list(state.snapshots.values()):
+        if record.status is Status.READY:
+            continue
+        log.warning("finishing an interrupted snapshot operation", extra={"snapshot": record.id})
+        await pool.delete_subvolume(pool.snapshot_path(record.id))
+        del state.snapshots[record.id]
+
+
+async def _publications(state: State, mounted: set[str]) -> None:
+    for record in list(state.publications.values()):
+        if record.status is Status.READY and record.path in mounted:
+            continue
+        log.warning("dropping an unfinished or vanished publication", extra={"target": record.path})
+        target = Path(record.path)
+        await mounts.unmount(target)
+        with contextlib.suppress(OSError):
+            await mounts.remove_mount_point(target)
+        del state.publications[record.path]
+
+
+async def _stagings(state: State, pool: Pool, mounted: set[str]) -> None:
+    for record in list(state.stagings.values()):
+        volume = state.volumes.get(record.volume_id)
+        disk = pool.disk_path(record.volume_id)
+        if record.status is Status.READY and volume is not None:
+            if volume.block:
+                devices = await pool.loop_devices(disk) if disk.exists() else []
+                if record.loop_device in devices:
+                    continue
+            elif record.path in mounted:
+                continue
+        log.warning("dropping an unfinished or vanished staging", extra={"staging": record.path})
+        await mounts.unmount(Path(record.path))
+        if disk.exists():
+            for device in await pool.loop_devices(disk):
+                await pool.detach(device)
+        del state.stagings[record.path]
+        for publication in list(state.publications.values()):
+            if publication.staging_path == record.path:
+                await mounts.unmount(Path(publication.path))
+                del state.publications[publication.path]
+
+
+async def _stray_mounts(state: State, kubelet_dir: Path, table: list[mounts.Mount]) -> None:
+    """Bind mounts of pool volumes under the kubelet's directory that no record explains."""
+    known = set(state.stagings) | set(state.publications)
+    prefix = f"/{VOLUMES}/"
+    for mount in reversed(table):
+        point = Path(mount.mount_point)
+        if (
+            mount.fs_type == "btrfs"
+            and mount.root.startswith(prefix)
+            and point.is_relative_to(kubelet_dir)
+            and mount.mount_point not in known
+        ):
+            log.warning("unmounting a stray volume mount", extra={"path": mount.mount_point})
+            with contextlib.suppress(CommandError):
+                await mounts.unmount(point)
+
+
+async def _stray_loops(state: State, pool: Pool) -> None:
+    staged = {s.loop_device for s in state.stagings.values()}
+    for volume in state.volumes.values():
+        disk = pool.disk_path(volume.id)
+        if not volume.block or not disk.exists():
+            continue
+        for device in await pool.loop_devices(disk):
+            if device not in staged:
+                log.warning("detaching a stray loop device", extra={"device": device})
+                await pool.detach(device)
+
+
+def _report_orphans(state: State, pool: Pool) -> None:
+    for directory, known in ((pool.volumes, state.volumes), (pool.snapshots, state.snapshots)):
+        for orphan in sorted(pool.subvolume_ids(directory) - set(known)):
+            log.error(
+                "subvolume without a record; leaving it alone",
+                extra={"path": str(directory / orphan)},
+            )

@@ -1,0 +1,211 @@
+"""The driver's one state store: volumes, snapshots, stagings and publications.
+
+It lives in one JSON file under stateDir, replaced atomically on every change
+(temp file, fsync, rename, fsync of the directory), so a crash leaves either the
+old or the new state, never a torn one. Records carry a status: an operation
+first records its intent ("pending"), then does the work, then records "ready";
+after a crash the reconciler finishes or undoes whatever is still pending.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field, fields
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+STATE_FILE = "csi-state.json"
+FORMAT_VERSION = 1
+
+
+class Status(StrEnum):
+    PENDING = "pending"
+    READY = "ready"
+    DELETING = "deleting"
+
+
+@dataclass(slots=True)
+class VolumeRecord:
+    id: str
+    name: str
+    capacity: int
+    block: bool
+    parameters: dict[str, str]
+    # "snapshot:<id>" or "volume:<id>" when pre-populated, else "".
+    source: str
+    created: float
+    status: Status = Status.PENDING
+
+
+@dataclass(slots=True)
+class SnapshotRecord:
+    id: str
+    name: str
+    source_volume_id: str
+    size: int
+    created: float
+    status: Status = Status.PENDING
+
+
+@dataclass(slots=True)
+class StageRecord:
+    volume_id: str
+    path: str
+    # The capability it was staged with, to tell a repeat from a conflict.
+    capability: str
+    loop_device: str = ""
+    status: Status = Status.PENDING
+
+
+@dataclass(slots=True)
+class PublishRecord:
+    volume_id: str
+    path: str
+    staging_path: str
+    capability: str
+    readonly: bool
+    status: Status = Status.PENDING
+
+
+R = TypeVar("R")
+
+
+def _load_records(kind: type[R], items: object) -> dict[str, R]:
+    if not isinstance(items, dict):
+        raise TypeError(f"{kind.__name__}: expected a mapping")
+    names = {f.name for f in fields(kind)}  # type: ignore[arg-type]
+    return {
+        key: kind(**{k: v for k, v in value.items() if k in names}) for key, value in items.items()
+    }
+
+
+@dataclass(slots=True)
+class State:
+    volumes: dict[str, VolumeRecord] = field(default_factory=dict)
+    snapshots: dict[str, SnapshotRecord] = field(default_factory=dict)
+    # Keyed by staging path / target path: one volume per path.
+    stagings: dict[str, StageRecord] = field(default_factory=dict)
+    publications: dict[str, PublishRecord] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": FORMAT_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> State:
+        if data.get("version") != FORMAT_VERSION:
+            raise ValueError(f"unknown state format version {data.get('version')!r}")
+        state = cls(
+            volumes=_load_records(VolumeRecord, data.get("volumes", {})),
+            snapshots=_load_records(SnapshotRecord, data.get("snapshots", {})),
+            stagings=_load_records(StageRecord, data.get("stagings", {})),
+            publications=_load_records(PublishRecord, data.get("publications", {})),
+        )
+        records: list[VolumeRecord | SnapshotRecord | StageRecord | PublishRecord] = [
+            *state.volumes.values(),
+            *state.snapshots.values(),
+            *state.stagings.values(),
+            *state.publications.values(),
+        ]
+        for record in records:
+            record.status = Status(record.status)
+        return state
+
+    def volume_by_name(self, name: str) -> VolumeRecord | None:
+        return next((v for v in self.volumes.values() if v.name == name), None)
+
+    def snapshot_by_name(self, name: str) -> SnapshotRecord | None:
+        return next((s for s in self.snapshots.values() if s.name == name), None)
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        Path(temporary).replace(path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            Path(temporary).unlink()
+        raise
+    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+class StateStore:
+    """The in-memory State, and `save()` that persists it (serialized, off the loop)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / STATE_FILE
+        self.state = State()
+        self._write_lock = asyncio.Lock()
+
+    def load(self) -> State:
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            self.state = State()
+        else:
+            self.state = State.from_json(json.loads(text))
+        return self.state
+
+    async def save(self) -> None:
+        async with self._write_lock:
+            # Serialized after the lock: the bytes written include every change made so far.
+            data = json.dumps(self.state.to_json(), indent=1, sort_keys=True).encode()
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            await asyncio.to_thread(_write_atomically, self.path, data)
+
+
+class _Record(Protocol):
+    status: Status
+
+
+Rec = TypeVar("Rec", bound=_Record)
+
+
+async def create_recorded(
+    store: StateStore,
+    table: dict[str, Rec],
+    key: str,
+    record: Rec,
+    work: Callable[[], Awaitable[None]],
+    undo: Callable[[], Awaitable[None]],
+) -> None:
+    """Record the intent (PENDING), do the work, record READY; on failure undo and forget.
+
+    A crash in between leaves a PENDING record that the reconciler undoes.
+    """
+    table[key] = record
+    await store.save()
+    try:
+        await work()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await undo()
+        table.pop(key, None)
+        await store.save()
+        raise
+    record.status = Status.READY
+    await store.save()
+
+
+async def delete_recorded(
+    store: StateStore, table: dict[str, Rec], key: str, work: Callable[[], Awaitable[None]]
+) -> None:
+    """Record DELETING, do the work, forget the record; a crash leaves DELETING to finish."""
+    table[key].status = Status.DELETING
+    await store.save()
+    await work()
+    del table[key]
+    await store.save()
