@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -29,8 +28,19 @@ def sh(*argv: str) -> str:
     return subprocess.run(argv, check=True, capture_output=True, text=True).stdout
 
 
+def detach_loops(files: list[Path]) -> None:
+    for file in files:
+        for line in sh("losetup", "-j", str(file)).splitlines():
+            subprocess.run(["losetup", "-d", line.split(":")[0]], check=False, capture_output=True)
+
+
 def cleanup_below(root: Path) -> None:
-    """Unmount everything below root (innermost first) and detach loop devices of files there."""
+    """Unmount everything below root (innermost first), detaching loop devices of files there.
+
+    A loop device shows its file's path inside the filesystem it lives on, so the
+    pool's block files are found by name, not by what losetup prints.
+    """
+    detach_loops(sorted(root.glob("*/volumes/*/disk")))
     table = mounts.parse_mountinfo(Path("/proc/self/mountinfo").read_text())
     for mount in reversed(table):
         if not Path(mount.mount_point).is_relative_to(root):
@@ -39,10 +49,7 @@ def cleanup_below(root: Path) -> None:
             ["umount", mount.mount_point], check=False, capture_output=True
         ).returncode:
             subprocess.run(["umount", "-l", mount.mount_point], check=False, capture_output=True)
-    devices = json.loads(sh("losetup", "-J") or '{"loopdevices": []}')["loopdevices"]
-    for device in devices:
-        if Path(device.get("back-file") or "/").is_relative_to(root):
-            subprocess.run(["losetup", "-d", device["name"]], check=False, capture_output=True)
+    detach_loops(sorted(root.glob("*.img")))
 
 
 @pytest.fixture
