@@ -259,3 +259,16 @@ def matches(pattern: str, image: str) -> bool:
         return urls_match(pattern, image)
     except PatternError:
         return False
+
+
+def narrower_than_registry(pattern: str, image: str) -> bool:
+    """Whether `pattern` applies to some images of `image`'s registry but maybe not all.
+
+    True when its host and port match the registry and it has a path: then an answer
+    for one image of the registry is not the answer for all of them.
+    """
+    try:
+        path = parse(pattern)[1]
+    except PatternError:
+        return False
+    return bool(path) and matches(pattern.partition("/")[0], image.partition("/")[0])
