@@ -29,6 +29,7 @@ from pydantic import (
     model_validator,
 )
 
+from csi.config import CsiConfig
 from deviceplugin.allocation import Policy
 from deviceplugin.backend import Backend, BackendNotFoundError, load_backend_factory
 from deviceplugin.names import MAX_SOCKET_PATH, resource_name_problem
@@ -89,6 +90,7 @@ class Config(_Section):
     kubelet_dir: AbsolutePath = Field(default=Path("/var/lib/kubelet"), alias="kubeletDir")
     state_dir: AbsolutePath = Field(default=Path("/var/lib/nodeplug"), alias="stateDir")
     device_plugins: list[DevicePluginSpec] = Field(default_factory=list, alias="devicePlugins")
+    csi: CsiConfig | None = None
 
     @property
     def device_plugin_dir(self) -> Path:
@@ -110,6 +112,19 @@ class Config(_Section):
                 f"kubeletDir: {str(self.kubelet_dir)!r} is too long; socket paths below it "
                 f"would exceed the {MAX_SOCKET_PATH}-byte Unix socket limit"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _check_csi_socket_paths(self) -> Config:
+        if self.csi is None:
+            return self
+        name = self.csi.driver_name
+        for socket in (f"plugins/{name}/csi.sock", f"plugins_registry/{name}-reg.sock"):
+            if len(f"{self.kubelet_dir}/{socket}") > MAX_SOCKET_PATH:
+                raise ValueError(
+                    f"csi.driverName: {socket!r} below kubeletDir would exceed the "
+                    f"{MAX_SOCKET_PATH}-byte Unix socket limit"
+                )
         return self
 
 

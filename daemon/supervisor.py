@@ -14,6 +14,7 @@ import logging
 from collections.abc import Sequence
 
 from daemon.config import Config
+from daemon.csiplugin import CsiPlugin
 from daemon.sockets import UnixSockets
 from deviceplugin.backend import Backend
 from deviceplugin.names import socket_file_name
@@ -49,11 +50,17 @@ class Daemon:
             )
             for spec, backend in zip(config.device_plugins, backends, strict=True)
         ]
+        self.csi = (
+            CsiPlugin(config.csi, config.kubelet_dir, config.state_dir, sockets)
+            if config.csi is not None
+            else None
+        )
 
     @property
     def ready(self) -> bool:
         """Registered with the kubelet for every resource."""
-        return all(plugin.registered.is_set() for plugin in self.plugins)
+        csi_ready = self.csi is None or self.csi.ready
+        return csi_ready and all(plugin.registered.is_set() for plugin in self.plugins)
 
     async def run(self, stop: asyncio.Event) -> None:
         log.info(
@@ -69,6 +76,8 @@ class Daemon:
                     tasks.create_task(self.watcher.run(), name="device-plugin socket watcher")
                 for plugin in self.plugins:
                     tasks.create_task(plugin.run(), name=f"device plugin {plugin.resource_name}")
+                if self.csi is not None:
+                    tasks.create_task(self.csi.run(), name="CSI driver")
                 tasks.create_task(_raise_when_set(stop), name="stop signal")
         except* _StopRequestedError:
             log.info("stopped")

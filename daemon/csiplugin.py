@@ -1,0 +1,42 @@
+"""The CSI driver as a root task: start it, serve its socket, register it with the kubelet.
+
+<kubeletDir>/plugins/<driverName>/csi.sock serves Identity, Controller and Node;
+the plugin watcher learns about it through <kubeletDir>/plugins_registry/.
+The socket is served only after the driver has reconciled its state, so the
+kubelet never talks to a driver that is still recovering from a crash.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from csi.config import CsiConfig
+from csi.driver import CsiDriver
+from daemon.pluginwatcher import CSI_PLUGIN, CSI_VERSIONS, PluginInfo, PluginWatcherRegistration
+from deviceplugin.plugin import SocketServing
+
+CSI_PLUGIN_SUBDIR = "plugins"
+SHUTDOWN_GRACE = 2.0
+
+
+class CsiPlugin:
+    def __init__(
+        self, config: CsiConfig, kubelet_dir: Path, state_dir: Path, sockets: SocketServing
+    ) -> None:
+        self.driver = CsiDriver(config, kubelet_dir, state_dir)
+        self.socket_path = kubelet_dir / CSI_PLUGIN_SUBDIR / config.driver_name / "csi.sock"
+        info = PluginInfo(CSI_PLUGIN, config.driver_name, str(self.socket_path), CSI_VERSIONS)
+        self.registration = PluginWatcherRegistration(info, kubelet_dir, sockets)
+        self._sockets = sockets
+
+    @property
+    def ready(self) -> bool:
+        return self.driver.ready and self.registration.registered
+
+    async def run(self) -> None:
+        await self.driver.start()
+        server = await self._sockets.serve(self.socket_path, self.driver.add_services)
+        try:
+            await self.registration.run()
+        finally:
+            await self._sockets.stop(server, self.socket_path, SHUTDOWN_GRACE)
