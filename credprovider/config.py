@@ -177,10 +177,10 @@ def _validate_token_source(entry: Table, where: str) -> None:
 
 
 def _parse_toml(data: bytes, path: str) -> Table:
-    if sys.version_info >= (3, 11):
+    try:
         import tomllib  # noqa: PLC0415
-    else:  # Python 3.9 and 3.10: the backport, bundled in the zipapp
-        import tomli as tomllib  # noqa: PLC0415
+    except ImportError:  # Python 3.9 and 3.10: the backport, bundled in the zipapp
+        import tomli as tomllib  # type: ignore[no-redef]  # noqa: PLC0415
     try:
         return tomllib.loads(data.decode("utf-8"))
     except UnicodeDecodeError:
