@@ -134,7 +134,9 @@ class GlobBackend:
         return path is None or any(fnmatchcase(str(path), p) for p in self._entry_patterns)
 
     async def watch(self) -> AsyncIterator[list[Device]]:
-        with Inotify() as inotify:
+        # sync_timeout=0: sync_get() polls. asyncinotify 4.4 defines InitFlags.NONBLOCK as
+        # O_CLOEXEC, so the fd blocks and draining must not rely on EAGAIN.
+        with Inotify(sync_timeout=0) as inotify:
             watches: dict[str, Watch] = {}
             while True:
                 # Watch first, then scan: a node created in between is in the scan or an event.
@@ -152,12 +154,8 @@ class GlobBackend:
             if self._interesting(event.path):
                 break
         await asyncio.sleep(_SETTLE_SECONDS)
-        while True:
-            try:
-                queued = inotify.sync_get()  # the fd is non-blocking: raises when drained
-            except BlockingIOError:
-                return
-            if queued is not None and queued.mask & Mask.IGNORED:
+        while (queued := inotify.sync_get()) is not None:
+            if queued.mask & Mask.IGNORED:
                 _forget(watches, queued.watch)
 
 

@@ -1,0 +1,149 @@
+"""`nodeplug` as a process: exit codes, signals, sockets left behind (none)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from daemon.supervisor import Daemon
+from deviceplugin.backend import Device
+from deviceplugin.testkit import FakeKubelet
+from tests.deviceplugin.backends import ScriptedBackend
+from tests.deviceplugin.conftest import make_config
+
+NODEPLUG = [sys.executable, "-m", "daemon.cli"]
+RESOURCES = ["example.com/one", "example.com/two"]
+
+
+def write_config(root: Path, **extra: object) -> Path:
+    config = {
+        "kubeletDir": str(root / "kubelet"),
+        "stateDir": str(root / "state"),
+        "devicePlugins": [
+            {"resourceName": name, "backend": "simulated", "config": {"count": 2}}
+            for name in RESOURCES
+        ],
+        **extra,
+    }
+    path = root / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@contextlib.asynccontextmanager
+async def daemon_process(config: Path) -> AsyncIterator[asyncio.subprocess.Process]:
+    process = await asyncio.create_subprocess_exec(
+        *NODEPLUG, "run", "--config", str(config), stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        yield process
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+def sockets_in(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.is_socket())
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_signal_stops_cleanly_and_removes_sockets(short_tmp: Path, signum: int) -> None:
+    config = write_config(short_tmp)
+    directory = short_tmp / "kubelet" / "device-plugins"
+    async with FakeKubelet(directory) as kubelet, daemon_process(config) as process:
+        await kubelet.wait_for(lambda c: set(RESOURCES) <= c.keys(), timeout=20)
+        assert len(sockets_in(directory)) == 3
+        process.send_signal(signum)
+        assert await asyncio.wait_for(process.wait(), timeout=5) == 0
+        assert sockets_in(directory) == ["kubelet.sock"]
+
+
+async def test_starts_before_the_kubelet_and_registers_when_it_appears(short_tmp: Path) -> None:
+    config = write_config(short_tmp)
+    directory = short_tmp / "kubelet" / "device-plugins"
+    async with daemon_process(config) as process:
+        await asyncio.sleep(1.0)
+        assert process.returncode is None
+        async with FakeKubelet(directory) as kubelet:
+            await kubelet.wait_for(lambda c: set(RESOURCES) <= c.keys(), timeout=10)
+        process.terminate()
+        assert await asyncio.wait_for(process.wait(), timeout=5) == 0
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            {"devicePlugins": [{"resourceName": "widget", "backend": "glob"}]},
+            "devicePlugins[0].resourceName",
+        ),
+        (
+            {"devicePlugins": [{"resourceName": "a.io/b", "backend": "nope"}]},
+            "devicePlugins[0].backend: unknown backend",
+        ),
+        ({"kubeletDir": "var/lib/kubelet"}, "kubeletDir: must be an absolute path"),
+    ],
+)
+async def test_bad_config_exits_2_naming_the_field(
+    short_tmp: Path, extra: dict[str, object], message: str
+) -> None:
+    config = write_config(short_tmp, **extra)
+    process = await asyncio.create_subprocess_exec(
+        *NODEPLUG, "run", "--config", str(config), stderr=asyncio.subprocess.PIPE
+    )
+    _, stderr = await asyncio.wait_for(process.communicate(), timeout=20)
+    assert process.returncode == 2
+    assert message in stderr.decode()
+
+
+async def test_missing_config_file_exits_2(short_tmp: Path) -> None:
+    process = await asyncio.create_subprocess_exec(
+        *NODEPLUG, "run", "--config", str(short_tmp / "nope.yaml"), stderr=asyncio.subprocess.PIPE
+    )
+    _, stderr = await asyncio.wait_for(process.communicate(), timeout=20)
+    assert process.returncode == 2
+    assert "cannot read the file" in stderr.decode()
+
+
+async def test_sandbox_demonstrates_an_allocation() -> None:
+    process = await asyncio.create_subprocess_exec(
+        *NODEPLUG,
+        "sandbox",
+        "--once",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=60)
+    assert process.returncode == 0, stderr.decode()
+    text = stdout.decode()
+    assert "registered resources" in text
+    assert "a pod asks for 1 example.com/widget" in text
+    assert "NODEPLUG_EXAMPLE_COM_WIDGET=" in text
+    assert "sandbox stopped" in text
+
+
+class CrashingBackend(ScriptedBackend):
+    async def watch(self) -> AsyncIterator[list[Device]]:
+        yield []
+        raise RuntimeError("driver unloaded")
+
+
+async def test_a_dying_plugin_stops_the_daemon_with_its_error(short_tmp: Path) -> None:
+    config = make_config(
+        short_tmp,
+        {"resourceName": "a.io/b", "backend": "simulated"},
+        {"resourceName": "a.io/c", "backend": "simulated"},
+    )
+    daemon = Daemon(config, [CrashingBackend(), ScriptedBackend()])
+    with pytest.raises(ExceptionGroup) as caught:
+        await asyncio.wait_for(daemon.run(asyncio.Event()), timeout=10)
+    assert caught.group_contains(RuntimeError, match="driver unloaded")
+    assert sockets_in(config.device_plugin_dir) == []

@@ -1,0 +1,171 @@
+"""Config: defaults, and every bad input refused with the field named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from daemon import config as configuration
+from deviceplugin.allocation import Policy
+
+GOOD_PLUGIN = {
+    "resourceName": "example.com/widget",
+    "backend": "glob",
+    "config": {"paths": ["/dev/w*"]},
+}
+
+
+def test_defaults() -> None:
+    config = configuration.parse({})
+    assert config.kubelet_dir == Path("/var/lib/kubelet")
+    assert config.state_dir == Path("/var/lib/nodeplug")
+    assert config.device_plugin_dir == Path("/var/lib/kubelet/device-plugins")
+    assert config.device_plugins == []
+    assert configuration.parse(None) == config
+
+
+def test_full_device_plugin_entry() -> None:
+    config = configuration.parse(
+        {
+            "devicePlugins": [
+                {**GOOD_PLUGIN, "replicas": 4, "allocationPolicy": "pack", "hookTimeout": 2.5}
+            ]
+        }
+    )
+    (spec,) = config.device_plugins
+    assert (spec.replicas, spec.allocation_policy, spec.hook_timeout) == (4, Policy.PACK, 2.5)
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ([], "(top level): must be a mapping"),
+        ({"kubeletDir": "relative/dir"}, "kubeletDir: must be an absolute path"),
+        ({"kubeletDir": "/" + "k" * 120}, "kubeletDir: '/kkk"),
+        ({"stateDir": 7}, "stateDir:"),
+        ({"devicePlugin": []}, "devicePlugin: unknown field"),
+        ({"devicePlugins": {"resourceName": "a/b"}}, "devicePlugins: Input should be a valid list"),
+        ({"devicePlugins": [{"backend": "glob"}]}, "devicePlugins[0].resourceName: required field"),
+        (
+            {"devicePlugins": [{**GOOD_PLUGIN, "resourceName": "widget"}]},
+            "devicePlugins[0].resourceName: 'widget' is not a valid",
+        ),
+        (
+            {"devicePlugins": [{**GOOD_PLUGIN, "resourceName": "kubernetes.io/x"}]},
+            "reserved for native",
+        ),
+        ({"devicePlugins": [{**GOOD_PLUGIN, "replicas": 0}]}, "devicePlugins[0].replicas:"),
+        (
+            {"devicePlugins": [{**GOOD_PLUGIN, "replicas": "2"}]},
+            "devicePlugins[0].replicas: Input should be a valid integer",
+        ),
+        ({"devicePlugins": [{**GOOD_PLUGIN, "replicas": True}]}, "devicePlugins[0].replicas:"),
+        (
+            {"devicePlugins": [{**GOOD_PLUGIN, "allocationPolicy": "random"}]},
+            "devicePlugins[0].allocationPolicy:",
+        ),
+        ({"devicePlugins": [{**GOOD_PLUGIN, "hookTimeout": -1}]}, "devicePlugins[0].hookTimeout:"),
+        ({"devicePlugins": [{**GOOD_PLUGIN, "extra": 1}]}, "devicePlugins[0].extra: unknown field"),
+        (
+            {"devicePlugins": [GOOD_PLUGIN, GOOD_PLUGIN]},
+            "devicePlugins[1].resourceName: 'example.com/widget' is already used",
+        ),
+    ],
+)
+def test_bad_configs_name_the_field(data: Any, expected: str) -> None:
+    with pytest.raises(configuration.ConfigError) as caught:
+        configuration.parse(data, "test.yaml")
+    assert any(expected in problem for problem in caught.value.problems), caught.value.problems
+    assert caught.value.report().startswith("invalid config test.yaml:")
+
+
+@pytest.mark.parametrize(
+    ("plugin", "expected"),
+    [
+        (
+            {**GOOD_PLUGIN, "backend": "nope"},
+            "devicePlugins[0].backend: unknown backend 'nope' (available: ",
+        ),
+        ({**GOOD_PLUGIN, "config": {}}, "devicePlugins[0].config.paths: required field is missing"),
+        ({**GOOD_PLUGIN, "config": {"paths": ["dev/w*"]}}, "devicePlugins[0].config.paths[0]: "),
+        ({**GOOD_PLUGIN, "config": {"paths": ["/dev/../etc/*"]}}, "no '..'"),
+        (
+            {**GOOD_PLUGIN, "config": {"paths": ["/dev/w*"], "permissions": "rwx"}},
+            "config.permissions",
+        ),
+        (
+            {**GOOD_PLUGIN, "config": {"paths": ["/dev/w*"], "permissions": "rr"}},
+            "config.permissions",
+        ),
+        ({**GOOD_PLUGIN, "backend": "udev", "config": {"subsystem": "a b"}}, "config.subsystem"),
+        ({**GOOD_PLUGIN, "backend": "simulated", "config": {"count": -1}}, "config.count"),
+    ],
+)
+def test_backend_config_errors_name_the_field(plugin: dict[str, Any], expected: str) -> None:
+    config = configuration.parse({"devicePlugins": [plugin]})
+    with pytest.raises(configuration.ConfigError) as caught:
+        configuration.create_backends(config)
+    assert any(expected in problem for problem in caught.value.problems), caught.value.problems
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("devicePlugins: [", "not valid YAML"),
+        ("- a\n- b\n", "must be a mapping"),
+        ("kubeletDir: /x\nkubeletDir: /y\n", "duplicate key 'kubeletDir'"),
+        ("devicePlugins:\n- resourceName: a/b\n  resourceName: a/c\n", "duplicate key"),
+        ("kubeletDir: /y\n", None),
+    ],
+)
+def test_load_from_file(tmp_path: Path, text: str, expected: str | None) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    if expected is None:
+        assert configuration.load(path).kubelet_dir == Path("/y")
+        return
+    with pytest.raises(configuration.ConfigError) as caught:
+        configuration.load(path)
+    assert expected in str(caught.value)
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    with pytest.raises(configuration.ConfigError, match="cannot read the file"):
+        configuration.load(tmp_path / "missing.yaml")
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(configuration.ConfigError, match="cannot read the file"):
+        configuration.load(binary)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(["kubeletDir", "stateDir", "devicePlugins", "other"]),
+        json_values,
+        max_size=4,
+    )
+)
+def test_property_any_input_is_a_config_or_a_config_error(data: dict[str, Any]) -> None:
+    try:
+        config = configuration.parse(data)
+    except configuration.ConfigError as error:
+        assert error.problems and all(isinstance(p, str) and p for p in error.problems)
+        return
+    try:
+        configuration.create_backends(config)
+    except configuration.ConfigError as error:
+        assert error.problems

@@ -1,0 +1,125 @@
+"""GetPreferredAllocation: the kubelet's rules always hold; preferences where they can."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from deviceplugin.allocation import Policy, preferred_allocation
+from deviceplugin.backend import Device
+from deviceplugin.errors import InvalidRequestError
+from deviceplugin.state import DeviceState, Unit
+
+
+def units(devices: list[Device], replicas: int = 1) -> dict[str, Unit]:
+    state = DeviceState(replicas)
+    state.update(devices)
+    return state.units
+
+
+NUMA_POOL = units([Device(f"d{i}", numa_node=i // 4) for i in range(8)])  # d0-3 on 0, d4-7 on 1
+
+
+def test_prefers_one_numa_node_and_the_tightest_fit() -> None:
+    # Node 0 has 2 free, node 1 has 4 free: two devices fit best on node 0.
+    available = ["d2", "d3", "d4", "d5", "d6", "d7"]
+    assert sorted(preferred_allocation(NUMA_POOL, available, [], 2)) == ["d2", "d3"]
+    # Three do not fit on node 0: take them all from node 1.
+    assert {int(i[1:]) // 4 for i in preferred_allocation(NUMA_POOL, available, [], 3)} == {1}
+
+
+def test_must_include_comes_first_and_pulls_its_numa_node() -> None:
+    chosen = preferred_allocation(NUMA_POOL, [f"d{i}" for i in range(8)], ["d5"], 3)
+    assert chosen[0] == "d5"
+    assert {int(i[1:]) // 4 for i in chosen} == {1}
+
+
+def test_healthy_devices_before_unhealthy_ones() -> None:
+    pool = units([Device("a", healthy=False), Device("b"), Device("c")])
+    assert sorted(preferred_allocation(pool, ["a", "b", "c"], [], 2)) == ["b", "c"]
+
+
+def test_spread_and_pack_policies_for_replicas() -> None:
+    pool = units([Device("a"), Device("b")], replicas=4)
+    # a::0 is in use elsewhere (not offered): spread avoids a, pack fills a.
+    offered = [u for u in pool if u != "a::0"]
+    spread = preferred_allocation(pool, offered, [], 2, Policy.SPREAD)
+    assert Counter(i.split("::")[0] for i in spread) == {"b": 1, "a": 1}
+    assert spread[0].startswith("b")
+    pack = preferred_allocation(pool, offered, [], 3, Policy.PACK)
+    assert Counter(i.split("::")[0] for i in pack) == {"a": 3}
+
+
+@pytest.mark.parametrize(
+    ("available", "must", "size", "message"),
+    [
+        (["d0", "d0"], [], 1, "more than once"),
+        (["d0", "zz"], [], 1, "unknown device 'zz'"),
+        (["d0"], ["zz"], 1, "unknown device 'zz'"),
+        (["d0", "d1"], ["d0", "d1"], 1, "more than allocation_size"),
+        (["d0"], [], 2, "only 1 are available"),
+        (["d0"], [], -1, "must not be negative"),
+    ],
+)
+def test_impossible_requests_are_invalid_argument(
+    available: list[str], must: list[str], size: int, message: str
+) -> None:
+    with pytest.raises(InvalidRequestError, match=message):
+        preferred_allocation(NUMA_POOL, available, must, size)
+
+
+@st.composite
+def requests(draw: st.DrawFn) -> tuple[dict[str, Unit], list[str], list[str], int]:
+    count = draw(st.integers(1, 40))
+    replicas = draw(st.integers(1, 4))
+    devices = [
+        Device(
+            f"x{i}", healthy=draw(st.booleans()), numa_node=draw(st.sampled_from([None, 0, 1, 2]))
+        )
+        for i in range(count)
+    ]
+    pool = units(devices, replicas)
+    available = draw(st.lists(st.sampled_from(sorted(pool)), unique=True, min_size=1))
+    must = draw(st.lists(st.sampled_from(available), unique=True, max_size=len(available)))
+    size = draw(st.integers(len(must), len(available)))
+    return pool, available, must, size
+
+
+@settings(max_examples=300, deadline=None)
+@given(requests(), st.sampled_from(list(Policy)))
+def test_property_answer_obeys_the_kubelet_contract(
+    request: tuple[dict[str, Unit], list[str], list[str], int], policy: Policy
+) -> None:
+    pool, available, must, size = request
+    chosen = preferred_allocation(pool, available, must, size, policy)
+    assert len(chosen) == size
+    assert len(set(chosen)) == size
+    assert chosen[: len(must)] == must
+    assert set(chosen) <= set(available)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.text(max_size=8), max_size=30),
+    st.lists(st.text(max_size=8), max_size=5),
+    st.integers(-5, 40),
+)
+def test_property_arbitrary_input_never_crashes(
+    available: list[str], must: list[str], size: int
+) -> None:
+    try:
+        chosen = preferred_allocation(NUMA_POOL, available, must, size)
+    except InvalidRequestError:
+        return
+    assume(chosen)
+    assert len(chosen) == size and set(chosen) <= set(available) | set(must)
+
+
+def test_large_requests_stay_fast() -> None:
+    pool = units([Device(f"d{i}", numa_node=i % 4) for i in range(20_000)], replicas=3)
+    ids = sorted(pool)
+    chosen = preferred_allocation(pool, ids, ids[:10], 30_000)
+    assert len(chosen) == 30_000

@@ -1,0 +1,145 @@
+"""glob backend with real device nodes (mknod) and real inotify hotplug."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from deviceplugin.backends.common import numa_node_of
+from deviceplugin.backends.glob import create
+from deviceplugin.testkit import FakeKubelet
+from tests.deviceplugin.conftest import make_config, running
+
+pytestmark = pytest.mark.root
+RESOURCE = "example.com/widget"
+NULL = os.makedev(1, 3)
+
+
+def mknod(path: Path, kind: int = stat.S_IFCHR, rdev: int = NULL) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.mknod(path, 0o600 | kind, rdev)
+
+
+def glob_plugin(*patterns: str, **config: object) -> dict[str, object]:
+    return {
+        "resourceName": RESOURCE,
+        "backend": "glob",
+        "config": {"paths": list(patterns), **config},
+    }
+
+
+async def test_nodes_are_devices_and_allocate_gives_their_specs(
+    short_tmp: Path, kubelet: FakeKubelet
+) -> None:
+    dev = short_tmp / "dev"
+    for name in ("widget0", "widget1"):
+        mknod(dev / name)
+    mknod(dev / "widgetblk", stat.S_IFBLK, os.makedev(7, 7))
+    (dev / "widget-not-a-node").write_text("regular files are not devices")
+    config = make_config(
+        short_tmp, glob_plugin(f"{dev}/widget*", containerDir="/dev/widgets", permissions="r")
+    )
+    async with running(config):
+        devices = await kubelet.wait_for_devices(RESOURCE, lambda d: len(d) == 3)
+        assert sorted(devices) == ["widget0", "widget1", "widgetblk"]
+        response = await kubelet.allocate(RESOURCE, [["widget1", "widgetblk"]])
+        specs = [
+            (d.host_path, d.container_path, d.permissions)
+            for d in response.container_responses[0].devices
+        ]
+        assert specs == [
+            (f"{dev}/widget1", "/dev/widgets/widget1", "r"),
+            (f"{dev}/widgetblk", "/dev/widgets/widgetblk", "r"),
+        ]
+
+
+async def test_hotplug_and_removal_seen_within_100ms(short_tmp: Path, kubelet: FakeKubelet) -> None:
+    dev = short_tmp / "dev"
+    mknod(dev / "widget0")
+    async with running(make_config(short_tmp, glob_plugin(f"{dev}/widget*"))):
+        await kubelet.wait_for_devices(RESOURCE, lambda d: set(d) == {"widget0"})
+        for round_ in range(3):
+            started = time.monotonic()
+            mknod(dev / "widget7")
+            await kubelet.wait_for_devices(RESOURCE, lambda d: "widget7" in d)
+            added = time.monotonic() - started
+            started = time.monotonic()
+            (dev / "widget7").unlink()
+            await kubelet.wait_for_devices(RESOURCE, lambda d: "widget7" not in d)
+            removed = time.monotonic() - started
+            assert added < 0.1 and removed < 0.1, (round_, added, removed)
+        # A device that comes back is Healthy again: nothing sticks.
+        mknod(dev / "widget7")
+        devices = await kubelet.wait_for_devices(RESOURCE, lambda d: "widget7" in d)
+        assert devices["widget7"].health == "Healthy"
+
+
+async def test_directories_that_appear_later_are_watched(
+    short_tmp: Path, kubelet: FakeKubelet
+) -> None:
+    root = short_tmp / "sys-less"
+    root.mkdir()
+    async with running(make_config(short_tmp, glob_plugin(f"{root}/dri*/card*"))):
+        await kubelet.wait_for_devices(RESOURCE, lambda d: d == {})
+        mknod(root / "dri" / "card0")  # creates the directory, then the node
+        await kubelet.wait_for_devices(RESOURCE, lambda d: set(d) == {"dri-card0"})
+        mknod(root / "dri2" / "card1")
+        await kubelet.wait_for_devices(RESOURCE, lambda d: set(d) == {"dri-card0", "dri2-card1"})
+        for path in (root / "dri").iterdir():
+            path.unlink()
+        (root / "dri").rmdir()
+        await kubelet.wait_for_devices(RESOURCE, lambda d: set(d) == {"dri2-card1"})
+        mknod(root / "dri" / "card3")  # the directory is back: watched again
+        await kubelet.wait_for_devices(RESOURCE, lambda d: "dri-card3" in d)
+
+
+def test_ids_stay_unique_across_patterns(short_tmp: Path) -> None:
+    for sub in ("a", "b"):
+        mknod(short_tmp / sub / "w0")
+    backend = create({"paths": [f"{short_tmp}/a/w*", f"{short_tmp}/b/w*"]})
+    first, second = (d.id for d in backend.scan())
+    assert first == "w0"
+    assert second.endswith("-b-w0")
+
+
+@contextlib.contextmanager
+def numa_node_overridden(sys_device: Path, node: int, tmp: Path) -> Iterator[None]:
+    """Bind-mount a file over a real sysfs numa_node: the kernel's value reads as `node`."""
+    value = tmp / "numa_node"
+    value.write_text(f"{node}\n")
+    target = sys_device / "numa_node"
+    subprocess.run(["mount", "--bind", str(value), str(target)], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", str(target)], check=True)
+
+
+def _block_device_with_numa_file() -> tuple[Path, int] | None:
+    for link in sorted(Path("/sys/dev/block").iterdir()):
+        resolved = link.resolve()
+        for parent in resolved.parents:
+            if (parent / "numa_node").is_file():
+                major, minor = link.name.split(":")
+                return parent, os.makedev(int(major), int(minor))
+    return None
+
+
+def test_numa_node_comes_from_sysfs(short_tmp: Path) -> None:
+    found = _block_device_with_numa_file()
+    if found is None:
+        pytest.skip("no block device with a sysfs numa_node on this machine")
+    sys_device, rdev = found
+    mknod(short_tmp / "disk0", stat.S_IFBLK, rdev)
+    backend = create({"paths": [f"{short_tmp}/disk*"]})
+    with numa_node_overridden(sys_device, 1, short_tmp):
+        (device,) = backend.scan()
+        assert device.numa_node == 1
+    assert numa_node_of(Path("/sys/devices/virtual/mem/null")) is None

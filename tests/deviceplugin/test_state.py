@@ -1,0 +1,79 @@
+"""DeviceState: snapshots in, diffs and ListAndWatch responses out."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from deviceplugin.backend import Device
+from deviceplugin.state import DeviceState
+
+
+async def test_diff_reports_what_the_kubelet_sees_changing() -> None:
+    state = DeviceState()
+    first = state.update([Device("a"), Device("b", numa_node=0)])
+    assert first.added == ("a", "b") and state.version == 1
+    same = state.update([Device("a"), Device("b", numa_node=0)])
+    assert not same and state.version == 1, "no change, no push"
+    changed = state.update([Device("a", healthy=False), Device("b", numa_node=1), Device("c")])
+    assert changed.changed == ("a", "b") and changed.added == ("c",)
+    gone = state.update([Device("c")])
+    assert gone.removed == ("a", "b")
+    assert [d.ID for d in state.response.devices] == ["c"]
+
+
+async def test_first_snapshot_is_published_even_when_empty() -> None:
+    state = DeviceState()
+    state.update([])
+    assert state.version == 1
+    assert await state.wait_newer(0) == (1, state.response)
+
+
+async def test_waiters_wake_on_change_and_on_close() -> None:
+    state = DeviceState()
+    state.update([Device("a")])
+    waiter = asyncio.create_task(state.wait_newer(1))
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    state.update([Device("a"), Device("b")])
+    version, response = await asyncio.wait_for(waiter, 1) or (0, None)
+    assert version == 2 and response is not None and len(response.devices) == 2
+    closing = asyncio.create_task(state.wait_newer(2))
+    state.close()
+    assert await asyncio.wait_for(closing, 1) is None
+
+
+@pytest.mark.parametrize(
+    ("device_id", "replicas"),
+    [("", 1), ("x" * 64, 1), ("a b", 1), ("a::0", 2), ("dup", 1)],
+)
+async def test_unusable_devices_are_dropped_and_logged(
+    device_id: str, replicas: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    state = DeviceState(replicas)
+    with caplog.at_level(logging.ERROR):
+        state.update([Device("ok"), Device(device_id), Device("dup")])
+    assert set(state.devices) == {"ok", "dup"}
+    assert "unusable device" in caplog.text
+
+
+async def test_replicas_expand_with_topology() -> None:
+    state = DeviceState(replicas=2)
+    state.update([Device("gpu0", numa_node=1)])
+    assert [(d.ID, d.topology.nodes[0].ID) for d in state.response.devices] == [
+        ("gpu0::0", 1),
+        ("gpu0::1", 1),
+    ]
+
+
+async def test_health_overrides_apply_on_top_of_snapshots() -> None:
+    state = DeviceState()
+    state.update([Device("a"), Device("b")])
+    assert state.set_health({"a": False}).changed == ("a",)
+    assert not state.devices["a"].healthy
+    state.update([Device("a"), Device("b")])
+    assert not state.devices["a"].healthy, "a probe result holds until the next probe"
+    assert state.set_health({"a": True}).changed == ("a",)
+    assert state.devices["a"].healthy
