@@ -272,3 +272,16 @@ def narrower_than_registry(pattern: str, image: str) -> bool:
     except PatternError:
         return False
     return bool(path) and matches(pattern.partition("/")[0], image.partition("/")[0])
+
+
+def is_default_registry(image: str) -> bool:
+    """The kubelet's isDefaultRegistryMatch: whether `image` is pulled from Docker Hub.
+
+    Credentials keyed "index.docker.io" apply to such images when no key matches them.
+    """
+    first, slash, _ = image.partition("/")
+    if not first:
+        return False
+    if not slash or first in ("docker.io", "index.docker.io"):
+        return True
+    return "." not in first and ":" not in first

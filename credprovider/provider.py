@@ -27,11 +27,13 @@ def provide(config: Table, request: Request, cache_dir: str | None) -> str:
     if config["static"]:
         from credprovider.sources import static  # noqa: PLC0415
 
-        found += static.lookup(config["static"], image, config["cacheDuration"])
-        patterns += [entry["registry"] for entry in config["static"]]
-    for kind in ("dockerConfig", "serviceAccountToken"):
-        if config[kind]:
-            raise ProviderError(f"config {kind}: this source is not implemented yet")
+        _add(static.lookup(config["static"], image, config["cacheDuration"]), found, patterns)
+    if config["dockerConfig"]:
+        from credprovider.sources import docker  # noqa: PLC0415
+
+        _add(docker.lookup(config["dockerConfig"], image, config["cacheDuration"]), found, patterns)
+    if config["serviceAccountToken"]:
+        raise ProviderError("config serviceAccountToken: this source is not implemented yet")
     auth: dict[str, tuple[str, str]] = {}
     for credential in found:
         auth.setdefault(credential.pattern, (credential.username, credential.password))
@@ -39,3 +41,10 @@ def provide(config: Table, request: Request, cache_dir: str | None) -> str:
     per_image = any(narrower_than_registry(pattern, image) for pattern in patterns)
     key_type = "Image" if per_image or not found else "Registry"
     return render_response(request.api_version, key_type, seconds, auth)
+
+
+def _add(
+    answer: tuple[list[Credential], list[str]], found: list[Credential], patterns: list[str]
+) -> None:
+    found += answer[0]
+    patterns += answer[1]

@@ -11,7 +11,9 @@ if TYPE_CHECKING:
     from credprovider.config import Table
 
 
-def lookup(entries: list[Table], image: str, default_seconds: float) -> list[Credential]:
+def lookup(
+    entries: list[Table], image: str, default_seconds: float
+) -> tuple[list[Credential], list[str]]:
     found = []
     for entry in entries:
         if not matches(entry["registry"], image):
@@ -29,4 +31,4 @@ def lookup(entries: list[Table], image: str, default_seconds: float) -> list[Cre
                 default_seconds if seconds == "" else seconds,
             )
         )
-    return found
+    return found, [entry["registry"] for entry in entries]

@@ -11,6 +11,7 @@ import pytest
 
 from tests.credprovider.conftest import request, run_provider, write_private
 from tests.credprovider.registry import htpasswd, needs_tools, oci_layout, pull, push, registry
+from tests.credprovider.test_docker_config import helper_env
 
 pytestmark = needs_tools
 USER, PASSWORD = "puller", "htpasswd-Secret-1"
@@ -64,3 +65,16 @@ def test_a_glob_pattern_covers_the_registry_port_included(served: str, tmp_path:
     # The same glob without the port is no key for this registry, as the kubelet sees it.
     config = f'[[static]]\nregistry = "*.0.0.1"\nusername = "{USER}"\npassword = "{PASSWORD}"\n'
     assert provider_auth(tmp_path, config, f"{served}/team/app") == {}
+
+
+def test_a_docker_credential_helper_becomes_a_kubelet_provider(served: str, tmp_path: Path) -> None:
+    docker_config = write_private(
+        tmp_path / "config.json", json.dumps({"credsStore": "nodeplugtest"})
+    )
+    config = write_private(tmp_path / "p.toml", f'[[dockerConfig]]\npath = "{docker_config}"\n')
+    env = helper_env(tmp_path, {served: [USER, PASSWORD]})
+    result = run_provider(["--config", config], request(f"{served}/team/app"), env=env)
+    assert result.returncode == 0, result.stderr
+    login = json.loads(result.stdout)["auth"][served]
+    pulled = pull(f"{served}/team/app:v1", (login["username"], login["password"]))
+    assert pulled.returncode == 0, pulled.stderr
