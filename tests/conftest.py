@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+
+from deviceplugin.testkit import FakeKubelet
 
 
 @pytest.fixture
@@ -28,3 +30,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "root" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+async def kubelet(short_tmp: Path) -> AsyncIterator[FakeKubelet]:
+    """A simulated kubelet serving <short_tmp>/kubelet/device-plugins/kubelet.sock."""
+    async with FakeKubelet(short_tmp / "kubelet" / "device-plugins") as fake:
+        yield fake

@@ -8,12 +8,9 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from daemon import config as configuration
 from daemon.supervisor import Daemon
 from deviceplugin.backend import Backend
-from deviceplugin.testkit import FakeKubelet
 
 
 def make_config(root: Path, *plugins: dict[str, Any]) -> configuration.Config:
@@ -41,9 +38,3 @@ async def running(
     finally:
         stop.set()
         await asyncio.wait_for(task, timeout=10)
-
-
-@pytest.fixture
-async def kubelet(short_tmp: Path) -> AsyncIterator[FakeKubelet]:
-    async with FakeKubelet(short_tmp / "kubelet" / "device-plugins") as fake:
-        yield fake
