@@ -10,7 +10,6 @@ then not the answer for its neighbours), per registry otherwise.
 from __future__ import annotations
 
 from credprovider.api import render_response
-from credprovider.errors import ProviderError
 from credprovider.match import narrower_than_registry
 
 TYPE_CHECKING = False
@@ -33,7 +32,9 @@ def provide(config: Table, request: Request, cache_dir: str | None) -> str:
 
         _add(docker.lookup(config["dockerConfig"], image, config["cacheDuration"]), found, patterns)
     if config["serviceAccountToken"]:
-        raise ProviderError("config serviceAccountToken: this source is not implemented yet")
+        from credprovider.sources import token  # noqa: PLC0415
+
+        _add(token.lookup(config["serviceAccountToken"], request, cache_dir), found, patterns)
     auth: dict[str, tuple[str, str]] = {}
     for credential in found:
         auth.setdefault(credential.pattern, (credential.username, credential.password))

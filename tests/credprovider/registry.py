@@ -20,7 +20,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -56,7 +56,7 @@ def _wait_ready(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
 
 
 @contextlib.contextmanager
-def registry(auth: dict[str, object]) -> Iterator[str]:
+def registry(auth: Mapping[str, object]) -> Iterator[str]:
     """A running registry with the given `auth` section; yields "127.0.0.1:PORT"."""
     with tempfile.TemporaryDirectory(prefix="np-registry-") as scratch:
         work = Path(scratch)
