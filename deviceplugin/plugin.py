@@ -141,6 +141,9 @@ class ResourcePlugin:
                 if event.name == KUBELET_SOCKET:
                     self.stats.kubelet_restarts_seen += 1
                     log.info("kubelet (re)started", extra={"resource": self.resource_name})
+                # A new kubelet deserves an answer now, whatever the last one did to streams.
+                self._not_before = 0.0
+                self._quick_stream_losses = 0
                 self._need_register = True
                 self._wake.set()
             elif event.name == self.socket_path.name and not event.created:

@@ -48,12 +48,16 @@ class DevicePluginServicer(api_pb2_grpc.DevicePluginServicer):
         self.backend = backend
         self.active_streams = 0
         self._on_stream_end = on_stream_end
+        # Protocol isinstance() checks are slow; Allocate is latency-critical.
+        self._allocator = backend if isinstance(backend, Allocator) else None
+        self._pre_starter = backend if isinstance(backend, PreStarter) else None
+        self._ids_env = env_name(settings.resource_name)
 
     @property
     def options(self) -> api_pb2.DevicePluginOptions:
         # The same options go into RegisterRequest: the kubelet reads them from here.
         return api_pb2.DevicePluginOptions(
-            pre_start_required=isinstance(self.backend, PreStarter),
+            pre_start_required=self._pre_starter is not None,
             get_preferred_allocation_available=True,
         )
 
@@ -105,10 +109,10 @@ class DevicePluginServicer(api_pb2_grpc.DevicePluginServicer):
         for units in containers:
             devices = _physical(units)
             edits = ContainerEdits()
-            if isinstance(self.backend, Allocator):
-                edits = await self._hook("allocate", self.backend.allocate(devices))
+            if self._allocator is not None:
+                edits = await self._hook("allocate", self._allocator.allocate(devices))
             container = response.container_responses.add()
-            container.envs[env_name(self.settings.resource_name)] = ",".join(u.id for u in units)
+            container.envs[self._ids_env] = ",".join(u.id for u in units)
             _apply(container, devices, edits)
         return response
 
@@ -117,8 +121,8 @@ class DevicePluginServicer(api_pb2_grpc.DevicePluginServicer):
         self, request: api_pb2.PreStartContainerRequest, context: Context
     ) -> api_pb2.PreStartContainerResponse:
         units = check_ids("devices_ids", request.devices_ids, self.state.units)
-        if isinstance(self.backend, PreStarter):
-            await self._hook("pre_start", self.backend.pre_start(_physical(units)))
+        if self._pre_starter is not None:
+            await self._hook("pre_start", self._pre_starter.pre_start(_physical(units)))
         return api_pb2.PreStartContainerResponse()
 
     def _usable_units(self, field: str, ids: Sequence[str]) -> list[Unit]:

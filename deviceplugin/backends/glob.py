@@ -37,7 +37,7 @@ _DIR_EVENTS = (
     Mask.CREATE | Mask.DELETE | Mask.MOVED_FROM | Mask.MOVED_TO | Mask.DELETE_SELF | Mask.ONLYDIR
 )
 # Coalesce a burst of events (a driver creating many nodes) into one snapshot.
-_SETTLE_SECONDS = 0.005
+_SETTLE_SECONDS = 0.002
 
 
 def _absolute_pattern(pattern: str) -> str:

@@ -31,7 +31,7 @@ from deviceplugin.backends.common import check_permissions, device_id, numa_node
 log = logging.getLogger(__name__)
 
 UDEV_CONTROL = Path("/run/udev/control")
-_SETTLE_SECONDS = 0.005
+_SETTLE_SECONDS = 0.002
 
 
 class UdevConfig(BaseModel):
