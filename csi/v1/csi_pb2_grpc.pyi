@@ -6,6 +6,9 @@ Container Storage Interface, spec v1 (container-storage-interface/spec, csi.prot
 Messages, field names and numbers, services and the csi.v1 custom options are
 upstream's: the package and the names are part of the wire. Comments here are
 short summaries; the spec (spec.md) is the authority on semantics.
+Options (csi_secret, alpha_*) sit exactly where upstream puts them and
+nowhere else: they are part of the descriptor, and e.g. upstream marks the
+SnapshotMetadata service alpha but not its messages or BlockMetadataType.
 Regenerate the Python modules with `python proto/generate.py`.
 """
 
