@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import stat
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import grpc
+import pytest
+from asyncinotify import Inotify, Mask
 
 from daemon.pluginregistration.v1 import api_pb2, api_pb2_grpc
 from daemon.pluginwatcher import (
@@ -22,6 +25,31 @@ from daemon.sockets import UnixSockets
 
 NAME = "local.csi.nodeplug.io"
 
+# k8s.io/apimachinery/pkg/util/version: ParseGeneric's pattern. It needs two or more
+# dotted numbers (the first without a leading zero), an optional "v" before them and
+# ignores whatever follows them.
+_GENERIC_VERSION = re.compile(r"^\s*v?([0-9]+(?:\.[0-9]+)*)(.*)$")
+
+
+def kubelet_accepts_csi_versions(versions: Sequence[str]) -> bool:
+    """The kubelet's verdict on GetInfo's supported_versions for a CSIPlugin.
+
+    After pkg/volume/csi/csi_plugin.go, highestSupportedVersion: unparsable versions
+    and majors above 1 are skipped, and the highest one left must be 1.x (0.x drivers
+    are refused since Kubernetes 1.17).
+    """
+    majors = []
+    for text in versions:
+        match = _GENERIC_VERSION.match(text)
+        if match is None:
+            continue
+        parts = match.group(1).split(".")
+        if len(parts) < 2 or (parts[0] != "0" and parts[0].startswith("0")):
+            continue
+        if int(parts[0]) <= 1:
+            majors.append(int(parts[0]))
+    return bool(majors) and max(majors) == 1
+
 
 class FakePluginWatcher:
     """What the kubelet does when a socket appears in plugins_registry/."""
@@ -33,9 +61,9 @@ class FakePluginWatcher:
         async with grpc.aio.insecure_channel(f"unix:{self.socket}") as channel:
             stub = api_pb2_grpc.RegistrationStub(channel)
             info = await stub.GetInfo(api_pb2.InfoRequest(), timeout=5)
-            # The kubelet's CSI handler: a 1.x version and an absolute endpoint.
-            valid = info.type == CSI_PLUGIN and any(
-                v.split(".")[0] == "1" for v in info.supported_versions
+            # The kubelet picks its handler by type, then validates the versions.
+            valid = info.type == CSI_PLUGIN and kubelet_accepts_csi_versions(
+                info.supported_versions
             )
             await stub.NotifyRegistrationStatus(
                 api_pb2.RegistrationStatus(
@@ -100,3 +128,45 @@ async def test_a_removed_socket_is_served_again(short_tmp: Path) -> None:
         await appears(plugin.socket_path)
         await FakePluginWatcher(plugin.socket_path).register()
         assert plugin.registered
+
+
+@pytest.mark.parametrize(
+    ("versions", "accepted"),
+    [
+        (["1.0.0"], True),
+        (["v1.2"], True),
+        (["1.12.0-rc.1"], True),
+        (["0.3.0", "1.0.0", "2.0.0"], True),
+        ([], False),
+        (["1"], False),
+        (["01.0.0"], False),
+        (["0.3.0"], False),
+        (["2.0.0"], False),
+        (["one"], False),
+    ],
+)
+def test_the_kubelets_version_rule(versions: list[str], accepted: bool) -> None:
+    assert kubelet_accepts_csi_versions(versions) is accepted
+
+
+def test_our_csi_versions_pass_the_kubelets_rule() -> None:
+    assert kubelet_accepts_csi_versions(CSI_VERSIONS)
+
+
+async def test_the_kubelets_watcher_discovers_the_socket(short_tmp: Path) -> None:
+    """pkg/kubelet/pluginmanager/pluginwatcher/plugin_watcher.go, handleCreateEvent:
+    the kubelet acts on fsnotify Create events (and a walk at its start), only for
+    Unix sockets whose name does not start with '.'."""
+    registry = short_tmp / "plugins_registry"
+    registry.mkdir()
+    with Inotify() as inotify:
+        inotify.add_watch(registry, Mask.CREATE | Mask.MOVED_TO)
+        async with registration(short_tmp) as plugin:
+            async with asyncio.timeout(5):
+                event = await anext(aiter(inotify))
+            assert event.name is not None
+            assert event.name.name == plugin.socket_path.name
+            assert not event.name.name.startswith(".")
+            assert stat.S_ISSOCK(plugin.socket_path.lstat().st_mode)
+            found = [e.name for e in registry.iterdir() if stat.S_ISSOCK(e.lstat().st_mode)]
+            assert found == [plugin.socket_path.name]
