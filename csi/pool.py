@@ -32,6 +32,9 @@ DISK = "disk"
 # The inode number of every btrfs subvolume's root directory.
 _SUBVOLUME_INODE = 256
 _LOOP_LINE = re.compile(r"^(/dev/loop\d+): ")
+# How long DeleteVolume waits for the kernel to drop a deleted subvolume before its
+# qgroup can go; a qgroup still there after that is cleared at the next start.
+QGROUP_CLEANUP_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,8 +80,18 @@ class Pool:
         if mount is None or mount.fs_type != "btrfs":
             raise CommandError(f"pool path {self.root} is not a mounted btrfs filesystem")
         await run("btrfs", "quota", "enable", str(self.root))
+        await self._clear_stale_qgroups()
         for directory in (self.volumes, self.snapshots):
             directory.mkdir(mode=0o700, exist_ok=True)
+
+    async def _clear_stale_qgroups(self) -> None:
+        """Remove qgroups left by deletions that a crash or a slow drop interrupted."""
+        try:
+            await run("btrfs", "qgroup", "clear-stale", str(self.root))
+        except CommandError as error:
+            # Subvolumes deleted but not yet dropped keep their qgroups busy: harmless,
+            # the next start clears them.
+            log.warning("some stale qgroups remain", extra={"error": str(error)})
 
     async def _mount_image(self, image: Path) -> None:
         if await mounted_at(self.root) is not None:
@@ -103,10 +116,38 @@ class Pool:
         await run("btrfs", "subvolume", "snapshot", *flags, str(source), str(target))
 
     async def delete_subvolume(self, path: Path) -> None:
+        """Delete a subvolume and its level-0 qgroup, which btrfs leaves behind (stale)."""
         if not is_subvolume(path):
             return
+        subvolume_id = (await run("btrfs", "inspect-internal", "rootid", str(path))).strip()
         await run("btrfs", "property", "set", "-ts", str(path), "ro", "false")
-        await run("btrfs", "subvolume", "delete", str(path))
+        # Committing wakes the cleaner now; without it the subvolume is dropped (and its
+        # qgroup freed) only at the next periodic commit, up to 30 s later.
+        await run("btrfs", "subvolume", "delete", "--commit-after", str(path))
+        await self._destroy_qgroup(f"0/{subvolume_id}")
+
+    async def _destroy_qgroup(self, qgroup: str) -> None:
+        delay = 0.01
+        try:
+            async with asyncio.timeout(QGROUP_CLEANUP_TIMEOUT):
+                while not await self._qgroup_gone(qgroup):
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 0.5)
+        except TimeoutError:
+            log.warning("a deleted subvolume's qgroup is still busy", extra={"qgroup": qgroup})
+
+    async def _qgroup_gone(self, qgroup: str) -> bool:
+        """Destroy the qgroup of a deleted subvolume; False while the kernel still uses it."""
+        try:
+            await run("btrfs", "qgroup", "destroy", qgroup, str(self.root))
+        except CommandError as error:
+            # Busy until the cleaner has dropped the subvolume.
+            if "Device or resource busy" in str(error):
+                return False
+            # Linux 6.7+ removes the qgroup itself once the subvolume is dropped.
+            if "No such file or directory" not in str(error):
+                raise
+        return True
 
     async def set_limit(self, path: Path, limit: int) -> None:
         await run("btrfs", "qgroup", "limit", str(limit), str(path))

@@ -230,6 +230,35 @@ async def test_snapshot_restore_and_clone_carry_the_data(csi: Client) -> None:
     assert not (await csi.controller.ListSnapshots(csi_pb2.ListSnapshotsRequest())).entries
 
 
+def level0_qgroups(pool: Path) -> set[str]:
+    """The pool's subvolume qgroups, stale ones (whose subvolume is gone) included."""
+    output = sh("btrfs", "qgroup", "show", "--raw", str(pool))
+    return {line.split()[0] for line in output.splitlines() if line.startswith("0/")}
+
+
+async def test_deleted_volumes_and_snapshots_leave_no_qgroup(csi: Client) -> None:
+    pool = csi.driver.pool
+    before = level0_qgroups(pool.root)
+    volume = (await csi.controller.CreateVolume(create_request("pvc-qgroup"))).volume
+    # Data makes the qgroup busy until the kernel has dropped the deleted subvolume.
+    write(pool.volume_path(volume.volume_id) / "data", 4 * MiB)
+    snapshot = (
+        await csi.controller.CreateSnapshot(
+            csi_pb2.CreateSnapshotRequest(source_volume_id=volume.volume_id, name="snap-qgroup")
+        )
+    ).snapshot
+    created = {
+        "0/" + sh("btrfs", "inspect-internal", "rootid", str(path)).strip()
+        for path in (pool.volume_path(volume.volume_id), pool.snapshot_path(snapshot.snapshot_id))
+    }
+    assert created <= level0_qgroups(pool.root)
+    await csi.controller.DeleteSnapshot(
+        csi_pb2.DeleteSnapshotRequest(snapshot_id=snapshot.snapshot_id)
+    )
+    await csi.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=volume.volume_id))
+    assert level0_qgroups(pool.root) == before
+
+
 async def test_readonly_publication_refuses_writes(csi: Client) -> None:
     capability = mount_capability()
     volume = (await csi.controller.CreateVolume(create_request("pvc-ro"))).volume
