@@ -3,7 +3,8 @@
 Filesystem volumes: NodeStage bind-mounts the volume's subvolume at the staging
 path; NodePublish bind-mounts the staging path at the target (read-only when
 asked). Block volumes: NodeStage attaches the volume's file to a loop device;
-NodePublish bind-mounts that device onto a file at the target. Every path from a
+NodePublish bind-mounts that device onto a file at the target; a read-only
+publication gets a read-only loop device of its own instead. Every path from a
 request must be inside the kubelet's directory (see validation.request_path).
 """
 
@@ -252,7 +253,15 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         target = Path(record.path)
         if volume.block:
             await asyncio.to_thread(target.touch, mode=0o600, exist_ok=True)
-            await mounts.bind(Path(stage.loop_device), target, record.readonly, [])
+            device = stage.loop_device
+            if record.readonly:
+                # A read-only mount stops writes to files, not to a device node, and the
+                # staged device also serves read-write publications: this one gets its
+                # own read-only loop device over the same file.
+                disk = self.driver.pool.disk_path(volume.id)
+                record.loop_device = await self.driver.pool.attach(disk, readonly=True)
+                device = record.loop_device
+            await mounts.bind(Path(device), target, record.readonly, [])
         else:
             await asyncio.to_thread(target.mkdir, mode=0o750, exist_ok=True)
             await mounts.bind(Path(stage.path), target, record.readonly, flags)
@@ -261,6 +270,11 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         target = Path(record.path)
         await mounts.unmount(target)
         await mounts.remove_mount_point(target)
+        disk = self.driver.pool.disk_path(record.volume_id)
+        # Only while it still serves this volume: a device detached behind our back may
+        # since have been given to another file.
+        if record.loop_device and record.loop_device in await self.driver.pool.loop_devices(disk):
+            await self.driver.pool.detach(record.loop_device)
 
     @rpc
     async def NodeUnpublishVolume(
@@ -292,16 +306,26 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         source = self.driver.pool.volume_path(volume.id)
         if not is_subvolume(source):
             return "the volume's subvolume is missing from the pool"
-        if volume.block and not self.driver.pool.disk_path(volume.id).exists():
-            return "the volume's block file is missing"
-        if volume.block and isinstance(where, StageRecord):
-            devices = await self.driver.pool.loop_devices(self.driver.pool.disk_path(volume.id))
-            return None if where.loop_device in devices else "the loop device is detached"
+        if volume.block:
+            problem = await self._loop_condition(volume, where)
+            # A block staging is a loop device only: nothing is mounted there.
+            if problem is not None or isinstance(where, StageRecord):
+                return problem
         mount = await mounts.mounted_at(Path(where.path))
         if mount is None:
             return f"nothing is mounted at {where.path}"
         if not volume.block and mount.root != f"/{VOLUMES}/{volume.id}":
             return f"{where.path} shows {mount.root}, not the volume"
+        return None
+
+    async def _loop_condition(
+        self, volume: VolumeRecord, where: StageRecord | PublishRecord
+    ) -> str | None:
+        disk = self.driver.pool.disk_path(volume.id)
+        if not disk.exists():
+            return "the volume's block file is missing"
+        if where.loop_device and where.loop_device not in await self.driver.pool.loop_devices(disk):
+            return "the loop device is detached"
         return None
 
     @rpc

@@ -177,8 +177,9 @@ class Pool:
 
     # --- loop devices -----------------------------------------------------------------
 
-    async def attach(self, file: Path) -> str:
-        output = await run("losetup", "--find", "--show", "--", str(file))
+    async def attach(self, file: Path, readonly: bool = False) -> str:
+        flags = ["--read-only"] if readonly else []
+        output = await run("losetup", *flags, "--find", "--show", "--", str(file))
         return output.strip()
 
     async def loop_devices(self, file: Path) -> list[str]:

@@ -111,13 +111,14 @@ async def _stray_mounts(state: State, kubelet_dir: Path, table: list[mounts.Moun
 
 
 async def _stray_loops(state: State, pool: Pool) -> None:
-    staged = {s.loop_device for s in state.stagings.values()}
+    known = {s.loop_device for s in state.stagings.values()}
+    known |= {p.loop_device for p in state.publications.values() if p.loop_device}
     for volume in state.volumes.values():
         disk = pool.disk_path(volume.id)
         if not volume.block or not disk.exists():
             continue
         for device in await pool.loop_devices(disk):
-            if device not in staged:
+            if device not in known:
                 log.warning("detaching a stray loop device", extra={"device": device})
                 await pool.detach(device)
 

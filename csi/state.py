@@ -70,6 +70,8 @@ class PublishRecord:
     staging_path: str
     capability: str
     readonly: bool
+    # A read-only block publication's own read-only loop device (see node._publish).
+    loop_device: str = ""
     status: Status = Status.PENDING
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from csi.reconcile import reconcile
 from csi.v1 import csi_pb2
 from tests.csi.conftest import (
     Client,
@@ -268,6 +269,53 @@ async def test_readonly_publication_refuses_writes(csi: Client) -> None:
     with pytest.raises(OSError) as error:
         (Path(publish.target_path) / "x").write_text("no")
     assert error.value.errno == errno.EROFS
+
+
+def write_to_device(path: Path, data: bytes) -> None:
+    with path.open("r+b", buffering=0) as device:
+        device.write(data)
+        os.fsync(device.fileno())
+
+
+def read_from_device(path: Path, size: int) -> bytes:
+    with path.open("rb") as device:
+        return device.read(size)
+
+
+async def test_readonly_block_publication_refuses_writes_beside_a_writer(csi: Client) -> None:
+    """Read-only at the device itself, while the volume is also published read-write."""
+    capability = block_capability(Mode.SINGLE_NODE_MULTI_WRITER)
+    request = create_request("pvc-block-ro", 8 * MiB, capability)
+    volume = (await csi.controller.CreateVolume(request)).volume
+    await csi.node.NodeStageVolume(stage_request(csi, volume.volume_id, capability))
+    writer = publish_request(csi, volume.volume_id, capability, target="writer")
+    reader = publish_request(csi, volume.volume_id, capability, target="reader", readonly=True)
+    await csi.node.NodePublishVolume(writer)
+    await csi.node.NodePublishVolume(reader)
+
+    data = os.urandom(4096)
+    write_to_device(Path(writer.target_path), data)
+    assert read_from_device(Path(reader.target_path), len(data)) == data
+    assert sh("blockdev", "--getro", reader.target_path).strip() == "1"
+    assert sh("blockdev", "--getro", writer.target_path).strip() == "0"
+    with pytest.raises(OSError) as error:
+        write_to_device(Path(reader.target_path), bytes(4096))
+    assert error.value.errno in {errno.EPERM, errno.EROFS}
+
+    pool = csi.driver.pool
+    disk = pool.disk_path(volume.volume_id)
+    devices = sorted(await pool.loop_devices(disk))
+    assert len(devices) == 2
+    # After a restart the reader's device is explained by its record, not a stray.
+    await reconcile(csi.driver.store, pool, csi.kubelet)
+    assert sorted(await pool.loop_devices(disk)) == devices
+    await csi.node.NodeUnpublishVolume(
+        csi_pb2.NodeUnpublishVolumeRequest(
+            volume_id=volume.volume_id, target_path=reader.target_path
+        )
+    )
+    assert len(await pool.loop_devices(disk)) == 1
+    write_to_device(Path(writer.target_path), data)
 
 
 async def test_single_node_single_writer_refuses_a_second_target(csi: Client) -> None:
