@@ -132,7 +132,7 @@ class Pool:
             async with asyncio.timeout(QGROUP_CLEANUP_TIMEOUT):
                 while not await self._qgroup_gone(qgroup):
                     await asyncio.sleep(delay)
-                    delay = min(delay * 2, 0.5)
+                    delay = min(delay * 2, 0.1)
         except TimeoutError:
             log.warning("a deleted subvolume's qgroup is still busy", extra={"qgroup": qgroup})
 
