@@ -58,10 +58,7 @@ async def timed(rounds: int, call: Callable[[], Awaitable[object]]) -> Timings:
 @contextlib.asynccontextmanager
 async def nodeplug(root: Path, plugin: dict[str, Any]) -> AsyncIterator[FakeKubelet]:
     config = configuration.parse(
-        {
-            "kubeletDir": str(root / "kubelet"),
-            "devicePlugins": [{"resourceName": RESOURCE, **plugin}],
-        }
+        configuration.confined_to({"devicePlugins": [{"resourceName": RESOURCE, **plugin}]}, root)
     )
     async with FakeKubelet(config.device_plugin_dir) as kubelet:
         stop = asyncio.Event()

@@ -2,7 +2,7 @@
 
 csi:
   driverName: local.csi.nodeplug.io
-  nodeId: node-1                 # defaults to the host name
+  nodeId: node-1                 # defaults to $NODE_NAME, else the host name
   pool:
     path: /var/lib/nodeplug/pool        # a mounted btrfs filesystem, or
     image: /var/lib/nodeplug/pool.img   # a btrfs image the daemon creates and loop-mounts at path
@@ -11,6 +11,7 @@ csi:
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 from pathlib import Path
@@ -66,7 +67,9 @@ def _matches(pattern: re.Pattern[str], what: str) -> AfterValidator:
 
 
 def _default_node_id() -> str:
-    return socket.gethostname().split(".")[0]
+    # A DaemonSet passes the Node's name (fieldRef spec.nodeName): pods' host names
+    # are their own unless they use the host network.
+    return os.environ.get("NODE_NAME") or socket.gethostname().split(".")[0]
 
 
 AbsolutePath = Annotated[Path, AfterValidator(_absolute)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import signal
 import sys
@@ -11,8 +12,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from daemon import config as configuration
-from daemon import logs, sandbox
+from daemon import inspection, logs, sandbox
+from daemon.reload import ConfigReloader
 from daemon.supervisor import Daemon
+from deviceplugin.backend import Backend
 
 log = logging.getLogger("nodeplug")
 
@@ -47,29 +50,75 @@ def _parser() -> argparse.ArgumentParser:
     )
     add_logging(sandbox, "warning")
     sandbox.set_defaults(log_format="text")
+
+    check = commands.add_parser("check-config", help="validate a config and show what it runs")
+    check.add_argument("config", type=Path)
+    add_logging(check, "warning")
+    check.set_defaults(log_format="text")
+
+    devices = commands.add_parser("devices", help="show what each device backend discovers")
+    devices.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="YAML config file")
+    devices.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    devices.add_argument(
+        "--timeout", type=float, default=10.0, help="seconds to wait for each backend's list"
+    )
+    add_logging(devices, "warning")
+    devices.set_defaults(log_format="text")
     return parser
 
 
-async def _serve(daemon: Daemon) -> None:
+def _load(path: Path) -> tuple[configuration.Config, list[Backend]] | None:
+    """The config and its backends, or None after printing why the config is refused."""
+    try:
+        config = configuration.load(path)
+        return config, configuration.create_backends(config, str(path))
+    except configuration.ConfigError as error:
+        print(error.report(), file=sys.stderr)
+        return None
+
+
+async def _serve(daemon: Daemon, reloader: ConfigReloader) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    await daemon.run(stop)
+    loop.add_signal_handler(signal.SIGHUP, reloader.request)
+    await daemon.run(stop, reloader)
 
 
 def run(config_path: Path) -> int:
-    try:
-        config = configuration.load(config_path)
-        backends = configuration.create_backends(config, str(config_path))
-    except configuration.ConfigError as error:
-        print(error.report(), file=sys.stderr)
+    if (loaded := _load(config_path)) is None:
         return EXIT_BAD_CONFIG
+    config, backends = loaded
     try:
-        asyncio.run(_serve(Daemon(config, backends)))
+        asyncio.run(_serve(Daemon(config, backends), ConfigReloader(config_path)))
     except Exception:
         log.exception("fatal error; exiting so that the node restarts the daemon")
         return EXIT_FAILED
+    return EXIT_OK
+
+
+def check_config(config_path: Path) -> int:
+    if (loaded := _load(config_path)) is None:
+        return EXIT_BAD_CONFIG
+    print(f"{config_path}: valid")
+    print("\n".join(inspection.describe(loaded[0])))
+    return EXIT_OK
+
+
+def show_devices(config_path: Path, output: str, timeout: float) -> int:
+    if (loaded := _load(config_path)) is None:
+        return EXIT_BAD_CONFIG
+    try:
+        found = asyncio.run(inspection.discover(*loaded, timeout))
+    except TimeoutError:
+        print(f"a backend sent no device list within {timeout:g}s", file=sys.stderr)
+        return EXIT_FAILED
+    if output == "json":
+        document = {r: [inspection.device_json(d) for d in ds] for r, ds in found.items()}
+        print(json.dumps(document, indent=2, sort_keys=True))
+    else:
+        print("\n".join(inspection.device_table(found)))
     return EXIT_OK
 
 
@@ -78,6 +127,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure(options.log_format, options.log_level)
     if options.command == "run":
         return run(options.config)
+    if options.command == "check-config":
+        return check_config(options.config)
+    if options.command == "devices":
+        return show_devices(options.config, options.output, options.timeout)
     return sandbox.main(options.config, once=options.once)
 
 

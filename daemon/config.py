@@ -2,6 +2,13 @@
 
 kubeletDir: /var/lib/kubelet      # all kubelet socket paths live below it
 stateDir: /var/lib/nodeplug
+http:
+  address: "0.0.0.0:9120"          # /metrics, /healthz, /readyz; null turns it off
+cdi:
+  dir: /var/run/cdi                # CDI specs of resources with `cdi: true`
+nodeFeatures:                      # NFD local feature file; null turns it off
+  file: /etc/kubernetes/node-feature-discovery/features.d/nodeplug
+devicePluginRegistration: kubelet  # or pluginWatcher (plugins_registry, type DevicePlugin)
 devicePlugins:
   - resourceName: example.com/widget
     backend: glob
@@ -9,11 +16,14 @@ devicePlugins:
     replicas: 1                    # >1 shares each device among that many containers
     allocationPolicy: spread       # or pack: how replicas are handed out
     hookTimeout: 10                # seconds a backend's allocate/pre_start may take
+    cdi: false                     # true: containers get devices as CDI names
+csi: {...}                         # see csi/config.py
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -23,6 +33,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
     StrictInt,
     StrictStr,
     ValidationError,
@@ -75,6 +86,34 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
+def _listen_address(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"{value!r} must be host:port, e.g. 0.0.0.0:9120 or [::]:9120")
+    if host.startswith("[") != host.endswith("]"):
+        raise ValueError(f"{value!r}: an IPv6 host goes in brackets, e.g. [::1]:9120")
+    return value
+
+
+class Registration(StrEnum):
+    """How device plugins announce themselves to the kubelet."""
+
+    KUBELET = "kubelet"  # Registration.Register on kubelet.sock
+    PLUGIN_WATCHER = "pluginWatcher"  # a socket in plugins_registry, type DevicePlugin
+
+
+class HttpSpec(_Section):
+    address: Annotated[StrictStr, AfterValidator(_listen_address)] | None = "0.0.0.0:9120"
+
+
+class CdiSpec(_Section):
+    dir: AbsolutePath = Path("/var/run/cdi")
+
+
+class NodeFeaturesSpec(_Section):
+    file: AbsolutePath | None = Path("/etc/kubernetes/node-feature-discovery/features.d/nodeplug")
+
+
 class DevicePluginSpec(_Section):
     resource_name: Annotated[StrictStr, AfterValidator(_resource_name)] = Field(
         alias="resourceName"
@@ -84,11 +123,18 @@ class DevicePluginSpec(_Section):
     replicas: StrictInt = Field(default=1, ge=1, le=1024)
     allocation_policy: Policy = Field(default=Policy.SPREAD, alias="allocationPolicy")
     hook_timeout: float = Field(default=10.0, strict=True, gt=0, le=300, alias="hookTimeout")
+    cdi: StrictBool = False
 
 
 class Config(_Section):
     kubelet_dir: AbsolutePath = Field(default=Path("/var/lib/kubelet"), alias="kubeletDir")
     state_dir: AbsolutePath = Field(default=Path("/var/lib/nodeplug"), alias="stateDir")
+    http: HttpSpec = Field(default_factory=HttpSpec)
+    cdi: CdiSpec = Field(default_factory=CdiSpec)
+    node_features: NodeFeaturesSpec = Field(default_factory=NodeFeaturesSpec, alias="nodeFeatures")
+    device_plugin_registration: Registration = Field(
+        default=Registration.KUBELET, alias="devicePluginRegistration"
+    )
     device_plugins: list[DevicePluginSpec] = Field(default_factory=list, alias="devicePlugins")
     csi: CsiConfig | None = None
 
@@ -115,6 +161,14 @@ class Config(_Section):
         return self
 
     @model_validator(mode="after")
+    def _check_registration(self) -> Config:
+        if self.device_plugin_registration is Registration.PLUGIN_WATCHER:
+            raise ValueError(
+                "devicePluginRegistration: 'pluginWatcher' is not implemented yet; use 'kubelet'"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _check_csi_socket_paths(self) -> Config:
         if self.csi is None:
             return self
@@ -126,6 +180,22 @@ class Config(_Section):
                     f"{MAX_SOCKET_PATH}-byte Unix socket limit"
                 )
         return self
+
+
+def confined_to(data: Mapping[str, Any], root: Path) -> dict[str, Any]:
+    """The same config with every host path the daemon writes under `root`, HTTP on a free port.
+
+    For the sandbox and for tests: nothing touches the real kubelet, /var/run/cdi or
+    the NFD directory, and several daemons can run side by side.
+    """
+    return {
+        **data,
+        "kubeletDir": str(root / "kubelet"),
+        "stateDir": str(root / "state"),
+        "cdi": {"dir": str(root / "cdi")},
+        "nodeFeatures": {"file": str(root / "features.d" / "nodeplug")},
+        "http": {"address": "127.0.0.1:0"},
+    }
 
 
 def _field_path(location: Sequence[int | str]) -> str:

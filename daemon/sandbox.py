@@ -60,8 +60,7 @@ def _load(config_path: Path | None, root: Path) -> configuration.Config:
     else:
         data = configuration.load(config_path).model_dump(by_alias=True, mode="json")
         source = str(config_path)
-    data.update(kubeletDir=str(root / "kubelet"), stateDir=str(root / "state"))
-    return configuration.parse(data, source)
+    return configuration.parse(configuration.confined_to(data, root), source)
 
 
 def _describe(response: api_pb2.ContainerAllocateResponse) -> list[str]:

@@ -12,10 +12,12 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
 
 SOCKET_MODE = 0o600
 
@@ -53,9 +55,16 @@ def _umask(mask: int) -> Iterator[None]:
 
 
 class UnixSockets:
-    """Serves gRPC on Unix sockets; handed to the plugins, which do not bind sockets themselves."""
+    """Serves gRPC on Unix sockets; handed to the plugins, which do not bind sockets themselves.
+
+    Every server also gets the standard gRPC health service (the daemon's liveness
+    check calls it) and the given interceptors (metrics, request ids).
+    """
 
     mode = SOCKET_MODE
+
+    def __init__(self, interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> None:
+        self._interceptors = list(interceptors)
 
     async def serve(
         self, path: Path, add_services: Callable[[grpc.aio.Server], None]
@@ -63,8 +72,9 @@ class UnixSockets:
         """Start a grpc.aio server listening on the Unix socket `path` (created fresh)."""
         path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
         remove_socket(path)
-        server = grpc.aio.server()
+        server = grpc.aio.server(interceptors=self._interceptors)
         add_services(server)
+        health_pb2_grpc.add_HealthServicer_to_server(health_aio.HealthServicer(), server)
         with _umask(0o777 & ~self.mode):
             server.add_insecure_port(f"unix:{path}")
         path.chmod(self.mode)

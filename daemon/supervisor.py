@@ -1,22 +1,34 @@
-"""Compose and supervise: one asyncio TaskGroup of root tasks, crash-only.
+"""Compose and supervise: one asyncio TaskGroup of units, crash-only, live-reloadable.
 
-Each device plugin (and, later, CSI) is a root task. Stopping (SIGTERM/SIGINT) sets an
-event; every task is cancelled, cleans up in its `finally` (servers stopped, sockets
-removed) and run() returns. If any root task fails, the others are stopped the same way
-and the error propagates, so the process exits non-zero and Kubernetes restarts it:
-no half-alive daemon.
+A unit is one root task built from one piece of config: a device plugin per resource,
+the device-plugin socket watcher, the CSI driver, the HTTP status server, the NFD file.
+Stopping (SIGTERM/SIGINT) cancels every unit; each cleans up in its `finally` (servers
+stopped, sockets removed). If a unit fails, the TaskGroup stops the others the same way
+and the error propagates, so the process exits non-zero and Kubernetes restarts it: no
+half-alive daemon. A reload (apply()) restarts only the units whose config changed;
+the others keep their sockets, registrations and streams.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Coroutine, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
 
-from daemon.config import Config
+import grpc
+from grpc_health.v1 import health_pb2
+
+from daemon.config import Config, DevicePluginSpec
 from daemon.csiplugin import CsiPlugin
+from daemon.http import StatusServer
+from daemon.metrics import Metrics
+from daemon.nodefeatures import NodeFeatureFile
 from daemon.sockets import UnixSockets
 from deviceplugin.backend import Backend
+from deviceplugin.cdi import CdiSpecWriter, remove_stale_specs
 from deviceplugin.names import socket_file_name
 from deviceplugin.plugin import ResourcePlugin, SocketServing
 from deviceplugin.servicer import ServiceSettings
@@ -24,63 +36,257 @@ from deviceplugin.socketdir import SocketDirWatcher
 
 log = logging.getLogger(__name__)
 
+HEALTH_TIMEOUT = 2.0
+_WATCHER = "device-plugin socket watcher"
+_CSI = "CSI driver"
+_HTTP = "HTTP status server"
+_NFD = "node feature file"
+
 
 class _StopRequestedError(Exception):
     pass
 
 
+class Reloader(Protocol):
+    async def run(self, daemon: Daemon) -> None: ...
+
+
+@dataclass
+class _Unit:
+    spec: object  # the config it was built from: equal config on reload, unit kept
+    task: asyncio.Task[None]
+
+
 class Daemon:
-    """Everything `nodeplug run` serves for one config."""
+    """Everything `nodeplug run` serves for one config, and how it changes on reload."""
 
     def __init__(
-        self, config: Config, backends: Sequence[Backend], sockets: SocketServing | None = None
+        self,
+        config: Config,
+        backends: Sequence[Backend],
+        sockets: SocketServing | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
-        self.watcher = SocketDirWatcher(config.device_plugin_dir)
-        sockets = sockets or UnixSockets()
-        directory_length = len(str(config.device_plugin_dir))
-        self.plugins = [
-            ResourcePlugin(
-                ServiceSettings(spec.resource_name, spec.allocation_policy, spec.hook_timeout),
-                backend,
-                self.watcher,
-                sockets,
-                socket_file_name(spec.resource_name, directory_length),
-                spec.replicas,
-            )
-            for spec, backend in zip(config.device_plugins, backends, strict=True)
-        ]
-        self.csi = (
-            CsiPlugin(config.csi, config.kubelet_dir, config.state_dir, sockets)
-            if config.csi is not None
-            else None
-        )
+        self.metrics = metrics or Metrics()
+        self.sockets = sockets or UnixSockets([self.metrics.interceptor()])
+        self.plugins: dict[str, ResourcePlugin] = {}
+        self.csi: CsiPlugin | None = None
+        self.watcher: SocketDirWatcher | None = None
+        self.node_features: NodeFeatureFile | None = None
+        self.status_server: StatusServer | None = None
+        self._initial_backends = list(backends)
+        self._units: dict[str, _Unit] = {}
+        self._tasks: asyncio.TaskGroup | None = None
+        self._restarts_seen_before = 0
+        self.metrics.observe_daemon(self)
+
+    # --- what the HTTP endpoints and metrics read -----------------------------------
+
+    @property
+    def kubelet_restarts_seen(self) -> int:
+        current = self.watcher.kubelet_starts if self.watcher is not None else 0
+        return self._restarts_seen_before + current
+
+    def readiness(self) -> dict[str, bool]:
+        """Each component and whether the kubelet has it registered."""
+        ready = {f"device plugin {n}": p.registered.is_set() for n, p in self.plugins.items()}
+        if self.csi is not None:
+            ready[_CSI] = self.csi.ready
+        return ready
 
     @property
     def ready(self) -> bool:
-        """Registered with the kubelet for every resource."""
-        csi_ready = self.csi is None or self.csi.ready
-        return csi_ready and all(plugin.registered.is_set() for plugin in self.plugins)
+        return all(self.readiness().values())
 
-    async def run(self, stop: asyncio.Event) -> None:
+    def own_sockets(self) -> list[Path]:
+        sockets = [plugin.socket_path for plugin in self.plugins.values()]
+        if self.csi is not None and self.csi.driver.ready:
+            sockets += [self.csi.socket_path, self.csi.registration.socket_path]
+        return sockets
+
+    async def health(self) -> dict[str, str | None]:
+        """A gRPC health round trip to each of our sockets: socket -> None or the problem."""
+        sockets = self.own_sockets()
+        results = await asyncio.gather(*(_check_socket(s) for s in sockets))
+        return {str(socket): problem for socket, problem in zip(sockets, results, strict=True)}
+
+    # --- running --------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event, reloader: Reloader | None = None) -> None:
         log.info(
             "starting",
             extra={
                 "kubeletDir": str(self.config.kubelet_dir),
-                "resources": [p.resource_name for p in self.plugins],
+                "resources": [spec.resource_name for spec in self.config.device_plugins],
+                "csi": self.config.csi.driver_name if self.config.csi else None,
             },
         )
         try:
             async with asyncio.TaskGroup() as tasks:
-                if self.plugins:
-                    tasks.create_task(self.watcher.run(), name="device-plugin socket watcher")
-                for plugin in self.plugins:
-                    tasks.create_task(plugin.run(), name=f"device plugin {plugin.resource_name}")
-                if self.csi is not None:
-                    tasks.create_task(self.csi.run(), name="CSI driver")
+                self._tasks = tasks
+                backends = dict(
+                    zip(
+                        (s.resource_name for s in self.config.device_plugins),
+                        self._initial_backends,
+                        strict=True,
+                    )
+                )
+                self._initial_backends = []
+                await self._start_units(self.config, backends)
+                if reloader is not None:
+                    tasks.create_task(reloader.run(self), name="config reloader")
                 tasks.create_task(_raise_when_set(stop), name="stop signal")
         except* _StopRequestedError:
             log.info("stopped")
+        finally:
+            self._tasks = None
+            self._units.clear()
+            self.plugins.clear()
+
+    async def apply(self, config: Config, backends: Sequence[Backend]) -> list[str]:
+        """Switch to a new config, restarting only what changed; return what was restarted."""
+        old = self.config
+        new_backends = dict(
+            zip((s.resource_name for s in config.device_plugins), backends, strict=True)
+        )
+        new_specs = {spec.resource_name: spec for spec in config.device_plugins}
+        base_changed = _base(old) != _base(config)
+        stopped = []
+        for name in list(self.plugins):
+            key = _plugin_key(name)
+            if base_changed or self._units[key].spec != new_specs.get(name):
+                await self._stop(key)
+                del self.plugins[name]
+                stopped.append(key)
+        if _WATCHER in self._units and (base_changed or not new_specs):
+            await self._stop(_WATCHER)
+        for key, changed in (
+            (_CSI, base_changed or old.csi != config.csi),
+            (_HTTP, old.http != config.http),
+            (_NFD, old.node_features != config.node_features),
+        ):
+            if changed and key in self._units:
+                await self._stop(key)
+                stopped.append(key)
+        if _CSI not in self._units:
+            self.csi = None
+        self.config = config
+        started = await self._start_units(
+            config, {n: b for n, b in new_backends.items() if n not in self.plugins}
+        )
+        log.info("config reloaded", extra={"stopped": stopped, "started": started})
+        return sorted(set(stopped) | set(started))
+
+    async def _start_units(self, config: Config, backends: Mapping[str, Backend]) -> list[str]:
+        """Start every unit of `config` that is not running (on start, and after a reload)."""
+        started = []
+        cdi_resources = [s for s in config.device_plugins if s.cdi]
+        writers = {
+            s.resource_name: CdiSpecWriter(config.cdi.dir, s.resource_name) for s in cdi_resources
+        }
+        if config.device_plugins or self.plugins:
+            await asyncio.to_thread(
+                remove_stale_specs, config.cdi.dir, [w.path for w in writers.values()]
+            )
+        if config.node_features.file is not None and _NFD not in self._units:
+            self.node_features = NodeFeatureFile(config.node_features.file, self._features)
+            started.append(self._start(_NFD, config.node_features, self.node_features.run()))
+        elif config.node_features.file is None:
+            self.node_features = None
+        if config.device_plugins and _WATCHER not in self._units:
+            if self.watcher is not None:
+                self._restarts_seen_before += self.watcher.kubelet_starts
+            self.watcher = SocketDirWatcher(config.device_plugin_dir)
+            self._start(_WATCHER, None, self.watcher.run())
+        for spec in config.device_plugins:
+            if spec.resource_name in self.plugins:
+                continue
+            plugin = self._device_plugin(config, spec, backends[spec.resource_name], writers)
+            self.plugins[spec.resource_name] = plugin
+            started.append(self._start(_plugin_key(spec.resource_name), spec, plugin.run()))
+        if config.csi is not None and _CSI not in self._units:
+            self.csi = CsiPlugin(config.csi, config.kubelet_dir, config.state_dir, self.sockets)
+            started.append(self._start(_CSI, config.csi, self.csi.run()))
+        if config.http.address is not None and _HTTP not in self._units:
+            self.status_server = StatusServer(self, config.http.address)
+            started.append(self._start(_HTTP, config.http, self.status_server.run()))
+        self._features_changed()
+        return started
+
+    def _device_plugin(
+        self,
+        config: Config,
+        spec: DevicePluginSpec,
+        backend: Backend,
+        writers: Mapping[str, CdiSpecWriter],
+    ) -> ResourcePlugin:
+        assert self.watcher is not None
+        writer = writers.get(spec.resource_name)
+        settings = ServiceSettings(
+            spec.resource_name,
+            spec.allocation_policy,
+            spec.hook_timeout,
+            cdi_kind=writer.kind if writer is not None else None,
+        )
+        directory_length = len(str(config.device_plugin_dir))
+        return ResourcePlugin(
+            settings,
+            backend,
+            self.watcher,
+            self.sockets,
+            socket_file_name(spec.resource_name, directory_length),
+            spec.replicas,
+            cdi=writer,
+            on_change=self._features_changed,
+        )
+
+    def _start(self, key: str, spec: object, work: Coroutine[Any, Any, None]) -> str:
+        assert self._tasks is not None, "units start only while the daemon runs"
+        self._units[key] = _Unit(spec, self._tasks.create_task(work, name=key))
+        return key
+
+    async def _stop(self, key: str) -> None:
+        unit = self._units.pop(key)
+        unit.task.cancel()
+        await asyncio.wait({unit.task})
+
+    def _features(self) -> tuple[dict[str, int], str | None]:
+        counts = {
+            name: sum(1 for device in plugin.state.devices.values() if device.healthy)
+            for name, plugin in self.plugins.items()
+        }
+        return counts, self.config.csi.driver_name if self.config.csi is not None else None
+
+    def _features_changed(self) -> None:
+        if self.node_features is not None:
+            self.node_features.changed()
+
+
+def _base(config: Config) -> tuple[object, ...]:
+    """Settings every plugin depends on: a change restarts them all."""
+    return (config.kubelet_dir, config.state_dir, config.device_plugin_registration, config.cdi)
+
+
+def _plugin_key(resource_name: str) -> str:
+    return f"device plugin {resource_name}"
+
+
+async def _check_socket(path: Path) -> str | None:
+    try:
+        async with grpc.aio.insecure_channel(f"unix:{path}") as channel:
+            # The health stubs' types lack the stub's methods; the multicallable is typed.
+            check = channel.unary_unary(
+                "/grpc.health.v1.Health/Check",
+                request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                response_deserializer=health_pb2.HealthCheckResponse.FromString,
+            )
+            response = await check(health_pb2.HealthCheckRequest(), timeout=HEALTH_TIMEOUT)
+    except grpc.aio.AioRpcError as error:
+        return f"{error.code().name}: {error.details()}"
+    if response.status != health_pb2.HealthCheckResponse.SERVING:
+        return f"health status {health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)}"
+    return None
 
 
 async def _raise_when_set(stop: asyncio.Event) -> None:

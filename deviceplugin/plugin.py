@@ -21,6 +21,7 @@ from typing import Protocol
 import grpc
 
 from deviceplugin.backend import Backend, HealthChecker
+from deviceplugin.cdi import CdiSpecWriter
 from deviceplugin.servicer import DevicePluginServicer, ServiceSettings
 from deviceplugin.socketdir import KUBELET_SOCKET, SocketDirWatcher, SocketEvent
 from deviceplugin.state import DeviceState
@@ -64,6 +65,8 @@ class ResourcePlugin:
         sockets: SocketServing,
         socket_name: str,
         replicas: int = 1,
+        cdi: CdiSpecWriter | None = None,
+        on_change: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
         self.backend = backend
@@ -75,6 +78,8 @@ class ResourcePlugin:
         self.stats = PluginStats()
         self._watcher = watcher
         self._sockets = sockets
+        self._cdi = cdi
+        self._on_change = on_change
         self._server: grpc.aio.Server | None = None
         self._wake = asyncio.Event()
         self._need_register = True
@@ -107,7 +112,12 @@ class ResourcePlugin:
 
     async def _follow_backend(self) -> None:
         async for snapshot in self.backend.watch():
+            if self._cdi is not None:
+                # Before the kubelet hears of a device, the runtime must be able to find it.
+                await asyncio.to_thread(self._cdi.write, snapshot)
             diff = self.state.update(snapshot)
+            if diff and self._on_change is not None:
+                self._on_change()
             if diff:
                 log.info(
                     "devices changed",
@@ -132,7 +142,8 @@ class ResourcePlugin:
             except Exception:
                 log.exception("health check failed", extra={"resource": self.resource_name})
                 continue
-            self.state.set_health(dict(health))
+            if self.state.set_health(dict(health)) and self._on_change is not None:
+                self._on_change()
 
     async def _follow_socket_dir(self, events: asyncio.Queue[SocketEvent]) -> None:
         while True:

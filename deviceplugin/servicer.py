@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from typing import TypeVar
 
 import grpc
 
+from deviceplugin import cdi
 from deviceplugin.allocation import Policy, check_ids, preferred_allocation
 from deviceplugin.backend import Allocator, Backend, ContainerEdits, Device, PreStarter
 from deviceplugin.errors import (
@@ -23,6 +25,7 @@ from deviceplugin.names import env_name
 from deviceplugin.state import DeviceState, Unit
 from deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 Context = grpc.aio.ServicerContext[object, object]
 
@@ -33,6 +36,8 @@ class ServiceSettings:
     policy: Policy = Policy.SPREAD
     # Bounds the vendor's allocate/pre_start hooks: the kubelet itself never times out.
     hook_timeout: float = 10.0
+    # Set when the resource's devices are described in a CDI spec file of this kind.
+    cdi_kind: str | None = None
 
 
 class DevicePluginServicer(api_pb2_grpc.DevicePluginServicer):
@@ -112,8 +117,10 @@ class DevicePluginServicer(api_pb2_grpc.DevicePluginServicer):
             if self._allocator is not None:
                 edits = await self._hook("allocate", self._allocator.allocate(devices))
             container = response.container_responses.add()
-            container.envs[self._ids_env] = ",".join(u.id for u in units)
-            _apply(container, devices, edits)
+            ids = [unit.id for unit in units]
+            container.envs[self._ids_env] = ",".join(ids)
+            log.info("allocated", extra={"resource": self.settings.resource_name, "devices": ids})
+            _apply(container, devices, edits, self.settings.cdi_kind)
         return response
 
     @grpc_errors
@@ -151,16 +158,27 @@ def _physical(units: Sequence[Unit]) -> list[Device]:
     return list({unit.device.id: unit.device for unit in units}.values())
 
 
+def _edits_of(device: Device, cdi_kind: str | None) -> ContainerEdits:
+    """What a device contributes to a container: its own edits, or its CDI name."""
+    if cdi_kind is not None and cdi.usable_name(device.id):
+        # The runtime applies nodes, mounts and env from our CDI spec file.
+        names = (cdi.qualified_name(cdi_kind, device.id), *device.cdi_devices)
+        return ContainerEdits(annotations=device.annotations, cdi_devices=names)
+    return ContainerEdits(
+        device.envs, device.mounts, device.device_nodes, device.annotations, device.cdi_devices
+    )
+
+
 def _apply(
-    container: api_pb2.ContainerAllocateResponse, devices: Sequence[Device], edits: ContainerEdits
+    container: api_pb2.ContainerAllocateResponse,
+    devices: Sequence[Device],
+    edits: ContainerEdits,
+    cdi_kind: str | None,
 ) -> None:
     nodes = {}
     mounts = {}
     cdi = {}
-    parts = [
-        ContainerEdits(d.envs, d.mounts, d.device_nodes, d.annotations, d.cdi_devices)
-        for d in devices
-    ]
+    parts = [_edits_of(device, cdi_kind) for device in devices]
     for part in (*parts, edits):
         for node in part.device_nodes:
             nodes[node.container_path or node.host_path] = node

@@ -38,6 +38,8 @@ class SocketDirWatcher:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.ready = asyncio.Event()
+        # kubelet.sock created while watching: each one is a kubelet (re)start.
+        self.kubelet_starts = 0
         self._subscribers: set[asyncio.Queue[SocketEvent]] = set()
 
     def subscribe(self) -> asyncio.Queue[SocketEvent]:
@@ -72,5 +74,7 @@ class SocketDirWatcher:
                         self._publish(SocketEvent(None, created=False))
                     elif event.name is not None:
                         created = bool(event.mask & (Mask.CREATE | Mask.MOVED_TO))
+                        if created and str(event.name) == KUBELET_SOCKET:
+                            self.kubelet_starts += 1
                         self._publish(SocketEvent(str(event.name), created))
                 self._publish(SocketEvent(None, created=False))

@@ -39,7 +39,7 @@ class Unit:
 class Diff:
     added: tuple[str, ...]
     removed: tuple[str, ...]
-    # Health or NUMA node changed: what the kubelet sees of a device.
+    # Anything about the device changed (health, NUMA node, nodes, mounts, ...).
     changed: tuple[str, ...]
 
     def __bool__(self) -> bool:
@@ -135,13 +135,7 @@ def _diff(old: dict[str, Device], new: dict[str, Device]) -> Diff:
     return Diff(
         added=tuple(sorted(new.keys() - old.keys())),
         removed=tuple(sorted(old.keys() - new.keys())),
-        changed=tuple(
-            sorted(
-                i
-                for i in new.keys() & old.keys()
-                if new[i].healthy != old[i].healthy or new[i].numa_node != old[i].numa_node
-            )
-        ),
+        changed=tuple(sorted(i for i in new.keys() & old.keys() if new[i] != old[i])),
     )
 
 

@@ -26,11 +26,8 @@ pytestmark = pytest.mark.root
 
 
 def daemon_config(root: Path, pool: Path) -> dict[str, object]:
-    return {
-        "kubeletDir": str(root / "kubelet"),
-        "stateDir": str(root / "state"),
-        "csi": {"driverName": DRIVER, "nodeId": NODE, "pool": {"path": str(pool)}},
-    }
+    csi = {"driverName": DRIVER, "nodeId": NODE, "pool": {"path": str(pool)}}
+    return configuration.confined_to({"csi": csi}, root)
 
 
 def csi_socket(root: Path) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from daemon import config as configuration
 from daemon.supervisor import Daemon
 from deviceplugin.backend import Device
 from deviceplugin.testkit import FakeKubelet
@@ -23,15 +25,10 @@ RESOURCES = ["example.com/one", "example.com/two"]
 
 
 def write_config(root: Path, **extra: object) -> Path:
-    config = {
-        "kubeletDir": str(root / "kubelet"),
-        "stateDir": str(root / "state"),
-        "devicePlugins": [
-            {"resourceName": name, "backend": "simulated", "config": {"count": 2}}
-            for name in RESOURCES
-        ],
-        **extra,
-    }
+    plugins = [
+        {"resourceName": name, "backend": "simulated", "config": {"count": 2}} for name in RESOURCES
+    ]
+    config = {**configuration.confined_to({"devicePlugins": plugins}, root), **extra}
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -147,3 +144,40 @@ async def test_a_dying_plugin_stops_the_daemon_with_its_error(short_tmp: Path) -
         await asyncio.wait_for(daemon.run(asyncio.Event()), timeout=10)
     assert caught.group_contains(RuntimeError, match="driver unloaded")
     assert sockets_in(config.device_plugin_dir) == []
+
+
+async def run_cli(*args: str) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        *NODEPLUG, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
+    assert process.returncode is not None
+    return process.returncode, stdout.decode(), stderr.decode()
+
+
+async def test_check_config_shows_the_plan(short_tmp: Path) -> None:
+    config = write_config(short_tmp)
+    code, stdout, _ = await run_cli("check-config", str(config))
+    assert code == 0
+    assert f"{config}: valid" in stdout
+    for name in RESOURCES:
+        assert name in stdout
+    assert str(short_tmp / "kubelet" / "device-plugins" / "nodeplug-example.com_one.sock") in stdout
+    bad = write_config(short_tmp, devicePlugins=[{"resourceName": "x", "backend": "glob"}])
+    code, stdout, stderr = await run_cli("check-config", str(bad))
+    assert code == 2 and stdout == ""
+    assert "devicePlugins[0].resourceName" in stderr
+
+
+async def test_devices_lists_what_backends_discover(short_tmp: Path) -> None:
+    config = write_config(short_tmp)
+    code, stdout, _ = await run_cli("devices", "--config", str(config), "-o", "json")
+    assert code == 0
+    found = json.loads(stdout)
+    assert sorted(found) == RESOURCES
+    assert [d["id"] for d in found["example.com/one"]] == ["sim0", "sim1"]
+    assert found["example.com/one"][0]["healthy"] is True
+    code, stdout, _ = await run_cli("devices", "--config", str(config))
+    assert code == 0
+    assert stdout.splitlines()[0].split() == ["RESOURCE", "DEVICE", "HEALTH", "NUMA", "NODES"]
+    assert len(stdout.splitlines()) == 5

@@ -14,13 +14,7 @@ from deviceplugin.backend import Backend
 
 
 def make_config(root: Path, *plugins: dict[str, Any]) -> configuration.Config:
-    return configuration.parse(
-        {
-            "kubeletDir": str(root / "kubelet"),
-            "stateDir": str(root / "state"),
-            "devicePlugins": list(plugins),
-        }
-    )
+    return configuration.parse(configuration.confined_to({"devicePlugins": list(plugins)}, root))
 
 
 @contextlib.asynccontextmanager

@@ -241,7 +241,7 @@ async def test_kubelet_restart_means_register_again_within_a_second(
             await registered(kubelet, count=1)
             assert time.monotonic() - started < 1.0
             assert len(kubelet.register_requests) == restart + 2
-        assert daemon.plugins[0].stats.socket_recreations == 3
+        assert daemon.plugins[RESOURCE].stats.socket_recreations == 3
 
 
 async def test_own_socket_removed_is_recreated(short_tmp: Path, kubelet: FakeKubelet) -> None:

@@ -32,17 +32,19 @@ ACCEPTED_CODES = {grpc.StatusCode.INVALID_ARGUMENT}
 def plugin_socket() -> Iterator[Path]:
     root = Path(tempfile.mkdtemp(prefix="np-", dir="/tmp"))
     config = configuration.parse(
-        {
-            "kubeletDir": str(root / "kubelet"),
-            "devicePlugins": [
-                {
-                    "resourceName": RESOURCE,
-                    "backend": "simulated",
-                    "config": {"count": 6, "numaNodes": 2},
-                    "replicas": 2,
-                }
-            ],
-        }
+        configuration.confined_to(
+            {
+                "devicePlugins": [
+                    {
+                        "resourceName": RESOURCE,
+                        "backend": "simulated",
+                        "config": {"count": 6, "numaNodes": 2},
+                        "replicas": 2,
+                    }
+                ],
+            },
+            root,
+        )
     )
     loop = asyncio.new_event_loop()
     ready = threading.Event()

@@ -1,0 +1,139 @@
+"""Live reload over real sockets: what did not change keeps its stream and registration."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from daemon import config as configuration
+from daemon.reload import ConfigReloader
+from daemon.supervisor import Daemon
+from deviceplugin.testkit import FakeKubelet
+
+A, B, C = "example.com/a", "example.com/b", "example.com/c"
+
+
+def plugin(name: str, **extra: Any) -> dict[str, Any]:
+    return {"resourceName": name, "backend": "simulated", "config": {"count": 2}, **extra}
+
+
+def write(path: Path, root: Path, *plugins: dict[str, Any]) -> None:
+    """Replace the file the way a ConfigMap volume does: write aside, rename over."""
+    text = yaml.safe_dump(configuration.confined_to({"devicePlugins": list(plugins)}, root))
+    aside = path.with_name(".config.yaml.new")
+    aside.write_text(text)
+    aside.replace(path)
+
+
+def registrations(kubelet: FakeKubelet, name: str) -> int:
+    return sum(1 for r in kubelet.register_requests if r.resource_name == name)
+
+
+@contextlib.asynccontextmanager
+async def reloading(path: Path) -> AsyncIterator[tuple[Daemon, ConfigReloader]]:
+    """A daemon running from a config file, with its reloader, for the block."""
+    config = configuration.load(path)
+    daemon = Daemon(config, configuration.create_backends(config))
+    reloader = ConfigReloader(path)
+    stop = asyncio.Event()
+    task = asyncio.create_task(daemon.run(stop, reloader))
+    try:
+        yield daemon, reloader
+    finally:
+        stop.set()
+        await task
+
+
+async def test_reload_restarts_only_what_changed(short_tmp: Path, kubelet: FakeKubelet) -> None:
+    path = short_tmp / "config.yaml"
+    write(path, short_tmp, plugin(A), plugin(B))
+    async with reloading(path) as (daemon, reloader):
+        await kubelet.wait_for(lambda c: {A, B} <= c.keys() and c[A].updates * c[B].updates > 0)
+        stream_of_a = kubelet.client(A)
+        socket_of_b = daemon.plugins[B].socket_path
+
+        write(path, short_tmp, plugin(A), plugin(B, replicas=2), plugin(C))
+        assert await reloader.reload(daemon) == "applied"
+        await kubelet.wait_for(lambda c: C in c and len(c[B].devices) == 4)
+        assert kubelet.client(A) is stream_of_a, "A's ListAndWatch stream was never dropped"
+        assert registrations(kubelet, A) == 1
+        assert registrations(kubelet, B) == 2
+        assert registrations(kubelet, C) == 1
+
+        write(path, short_tmp, plugin(A), plugin(C))
+        assert await reloader.reload(daemon) == "applied"
+        await kubelet.wait_for(lambda c: B not in c)
+        assert not socket_of_b.exists()
+        assert set(daemon.plugins) == {A, C}
+        assert kubelet.client(A) is stream_of_a
+
+
+async def test_bad_or_same_config_changes_nothing(short_tmp: Path, kubelet: FakeKubelet) -> None:
+    path = short_tmp / "config.yaml"
+    write(path, short_tmp, plugin(A))
+    async with reloading(path) as (daemon, reloader):
+        await kubelet.wait_for(lambda c: A in c and c[A].updates > 0)
+        running_config = daemon.config
+        for broken in (
+            "devicePlugins: [{resourceName: nope, backend: simulated}]",
+            "devicePlugins: [{resourceName: a.io/x, backend: no-such-backend}]",
+            "devicePlugins: [",
+        ):
+            path.write_text(broken)
+            assert await reloader.reload(daemon) == "rejected"
+            assert daemon.config is running_config
+        write(path, short_tmp, plugin(A))
+        assert await reloader.reload(daemon) == "unchanged"
+        assert registrations(kubelet, A) == 1
+        assert daemon.ready
+        rejected = daemon.metrics.reloads.labels("rejected")._value.get()
+        assert rejected >= 3
+
+
+async def test_a_changed_file_is_picked_up_by_itself(short_tmp: Path, kubelet: FakeKubelet) -> None:
+    path = short_tmp / "config.yaml"
+    write(path, short_tmp, plugin(A))
+    async with reloading(path):
+        await kubelet.wait_for(lambda c: A in c)
+        write(path, short_tmp, plugin(A), plugin(C))
+        await kubelet.wait_for(lambda c: C in c, timeout=5)
+        assert registrations(kubelet, A) == 1
+
+
+async def test_sighup_reloads_the_running_process(short_tmp: Path, kubelet: FakeKubelet) -> None:
+    path = short_tmp / "config.yaml"
+    write(path, short_tmp, plugin(A))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "daemon.cli",
+        "run",
+        "--config",
+        str(path),
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        await kubelet.wait_for(lambda c: A in c, timeout=20)
+        process.send_signal(signal.SIGHUP)
+        assert process.stderr is not None
+        async with asyncio.timeout(10):
+            async for line in process.stderr:
+                entry = json.loads(line)
+                if entry["msg"] == "config reload":
+                    assert entry["result"] == "unchanged"
+                    break
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 10) == 0
+    finally:
+        if process.returncode is None:
+            os.kill(process.pid, signal.SIGKILL)
+            await process.wait()
