@@ -46,6 +46,7 @@ from deviceplugin.backend import Backend, BackendNotFoundError, load_backend_fac
 from deviceplugin.names import MAX_SOCKET_PATH, resource_name_problem
 
 DEVICE_PLUGIN_SUBDIR = "device-plugins"
+PLUGIN_REGISTRY_SUBDIR = "plugins_registry"
 # The longest socket name nodeplug puts in the device-plugins directory (hashed names).
 _LONGEST_SOCKET_NAME = len("nodeplug-0123456789abcdef.sock")
 
@@ -140,7 +141,15 @@ class Config(_Section):
 
     @property
     def device_plugin_dir(self) -> Path:
+        """Where the kubelet's device manager serves kubelet.sock."""
         return self.kubelet_dir / DEVICE_PLUGIN_SUBDIR
+
+    @property
+    def device_plugin_socket_dir(self) -> Path:
+        """Where nodeplug's device-plugin sockets live, by registration mode."""
+        if self.device_plugin_registration is Registration.PLUGIN_WATCHER:
+            return self.kubelet_dir / PLUGIN_REGISTRY_SUBDIR
+        return self.device_plugin_dir
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Config:
@@ -152,19 +161,11 @@ class Config(_Section):
                     f"used by devicePlugins[{seen[spec.resource_name]}]"
                 )
             seen[spec.resource_name] = index
-        longest = len(str(self.device_plugin_dir)) + 1 + _LONGEST_SOCKET_NAME
+        longest = len(str(self.device_plugin_socket_dir)) + 1 + _LONGEST_SOCKET_NAME
         if longest > MAX_SOCKET_PATH:
             raise ValueError(
                 f"kubeletDir: {str(self.kubelet_dir)!r} is too long; socket paths below it "
                 f"would exceed the {MAX_SOCKET_PATH}-byte Unix socket limit"
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _check_registration(self) -> Config:
-        if self.device_plugin_registration is Registration.PLUGIN_WATCHER:
-            raise ValueError(
-                "devicePluginRegistration: 'pluginWatcher' is not implemented yet; use 'kubelet'"
             )
         return self
 

@@ -24,9 +24,11 @@ def describe(config: Config) -> list[str]:
         f"device plugins      {len(config.device_plugins)}, registering via "
         f"{config.device_plugin_registration.value}",
     ]
-    directory_length = len(str(config.device_plugin_dir))
+    directory_length = len(str(config.device_plugin_socket_dir))
     for spec in config.device_plugins:
-        socket = config.device_plugin_dir / socket_file_name(spec.resource_name, directory_length)
+        socket = config.device_plugin_socket_dir / socket_file_name(
+            spec.resource_name, directory_length
+        )
         lines.append(f"  {spec.resource_name}")
         lines.append(
             f"    backend           {spec.backend} {json.dumps(spec.config, sort_keys=True)}"

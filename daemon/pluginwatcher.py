@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,9 @@ CSI_PLUGIN = "CSIPlugin"
 # The kubelet's CSI plugin handler takes the highest version it understands and
 # refuses anything but 1.x (0.x is no longer served): "1.0.0" is what it accepts.
 CSI_VERSIONS = ("1.0.0",)
+DEVICE_PLUGIN = "DevicePlugin"
+# The kubelet's device manager accepts what it speaks itself: v1beta1.
+DEVICE_PLUGIN_VERSIONS = ("v1beta1",)
 SHUTDOWN_GRACE = 1.0
 
 
@@ -52,6 +56,8 @@ class RegistrationServicer(api_pb2_grpc.RegistrationServicer):
         self.info = info
         self.verdict: Verdict | None = None
         self.changed = asyncio.Event()
+        # Told of every verdict (a device plugin's readiness follows it).
+        self.on_verdict: Callable[[bool], None] | None = None
 
     async def GetInfo(  # noqa: N802 (the wire's name)
         self, request: api_pb2.InfoRequest, context: grpc.aio.ServicerContext[object, object]
@@ -76,6 +82,8 @@ class RegistrationServicer(api_pb2_grpc.RegistrationServicer):
             log.error("the kubelet refused the plugin", extra={**fields, "error": request.error})
         self.changed.set()
         self.changed = asyncio.Event()
+        if self.on_verdict is not None:
+            self.on_verdict(request.plugin_registered)
         return api_pb2.RegistrationStatusResponse()
 
 

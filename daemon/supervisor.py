@@ -21,16 +21,23 @@ from typing import Any, Protocol
 import grpc
 from grpc_health.v1 import health_pb2
 
-from daemon.config import Config, DevicePluginSpec
+from daemon.config import Config, DevicePluginSpec, Registration
 from daemon.csiplugin import CsiPlugin
 from daemon.http import StatusServer
 from daemon.metrics import Metrics
 from daemon.nodefeatures import NodeFeatureFile
+from daemon.pluginregistration.v1.api_pb2_grpc import add_RegistrationServicer_to_server
+from daemon.pluginwatcher import (
+    DEVICE_PLUGIN,
+    DEVICE_PLUGIN_VERSIONS,
+    PluginInfo,
+    RegistrationServicer,
+)
 from daemon.sockets import UnixSockets
 from deviceplugin.backend import Backend
 from deviceplugin.cdi import CdiSpecWriter, remove_stale_specs
 from deviceplugin.names import socket_file_name
-from deviceplugin.plugin import ResourcePlugin, SocketServing
+from deviceplugin.plugin import PluginWatcherMode, ResourcePlugin, SocketServing
 from deviceplugin.servicer import ServiceSettings
 from deviceplugin.socketdir import SocketDirWatcher
 
@@ -197,7 +204,7 @@ class Daemon:
         if config.device_plugins and _WATCHER not in self._units:
             if self.watcher is not None:
                 self._restarts_seen_before += self.watcher.kubelet_starts
-            self.watcher = SocketDirWatcher(config.device_plugin_dir)
+            self.watcher = SocketDirWatcher(config.device_plugin_socket_dir)
             self._start(_WATCHER, None, self.watcher.run())
         for spec in config.device_plugins:
             if spec.resource_name in self.plugins:
@@ -229,8 +236,16 @@ class Daemon:
             spec.hook_timeout,
             cdi_kind=writer.kind if writer is not None else None,
         )
-        directory_length = len(str(config.device_plugin_dir))
-        return ResourcePlugin(
+        registration = None
+        mode = None
+        if config.device_plugin_registration is Registration.PLUGIN_WATCHER:
+            info = PluginInfo(DEVICE_PLUGIN, spec.resource_name, "", DEVICE_PLUGIN_VERSIONS)
+            registration = RegistrationServicer(info)  # endpoint "": this very socket
+            mode = PluginWatcherMode(
+                lambda server: add_RegistrationServicer_to_server(registration, server)
+            )
+        directory_length = len(str(config.device_plugin_socket_dir))
+        plugin = ResourcePlugin(
             settings,
             backend,
             self.watcher,
@@ -239,7 +254,11 @@ class Daemon:
             spec.replicas,
             cdi=writer,
             on_change=self._features_changed,
+            plugin_watcher=mode,
         )
+        if registration is not None:
+            registration.on_verdict = plugin.verdict
+        return plugin
 
     def _start(self, key: str, spec: object, work: Coroutine[Any, Any, None]) -> str:
         assert self._tasks is not None, "units start only while the daemon runs"

@@ -49,6 +49,18 @@ class SocketServing(Protocol):
     def is_socket(self, path: Path) -> bool: ...
 
 
+@dataclass(frozen=True, slots=True)
+class PluginWatcherMode:
+    """Register through the kubelet's plugin watcher instead of Registration.Register.
+
+    The plugin's socket then lives in plugins_registry/ and also serves the
+    pluginregistration service (added by `add_services`): creating the socket is
+    registering, and the kubelet's verdict arrives through NotifyRegistrationStatus.
+    """
+
+    add_services: Callable[[grpc.aio.Server], None]
+
+
 @dataclass(slots=True)
 class PluginStats:
     registrations: int = 0
@@ -67,6 +79,7 @@ class ResourcePlugin:
         replicas: int = 1,
         cdi: CdiSpecWriter | None = None,
         on_change: Callable[[], None] | None = None,
+        plugin_watcher: PluginWatcherMode | None = None,
     ) -> None:
         self.settings = settings
         self.backend = backend
@@ -80,6 +93,8 @@ class ResourcePlugin:
         self._sockets = sockets
         self._cdi = cdi
         self._on_change = on_change
+        self._plugin_watcher = plugin_watcher
+        self._fresh_socket = False
         self._server: grpc.aio.Server | None = None
         self._wake = asyncio.Event()
         self._need_register = True
@@ -192,7 +207,9 @@ class ResourcePlugin:
             self._wake.clear()
             if self._server is None or not self._sockets.is_socket(self.socket_path):
                 await self._restart_server()
-            if self._need_register and self._sockets.is_socket(self.kubelet_socket):
+            if self._need_register and self._plugin_watcher is not None:
+                await self._register_by_socket()
+            elif self._need_register and self._sockets.is_socket(self.kubelet_socket):
                 wait = self._not_before - time.monotonic()
                 if wait > 0:
                     await self._sleep_unless_woken(wait)
@@ -229,6 +246,7 @@ class ResourcePlugin:
             await self._stop_server(grace=0)
         self._server = await self._sockets.serve(self.socket_path, self._add_services)
         self._need_register = True
+        self._fresh_socket = True
 
     async def _stop_server(self, grace: float) -> None:
         if self._server is None:
@@ -239,6 +257,24 @@ class ResourcePlugin:
 
     def _add_services(self, server: grpc.aio.Server) -> None:
         api_pb2_grpc.add_DevicePluginServicer_to_server(self.servicer, server)
+        if self._plugin_watcher is not None:
+            self._plugin_watcher.add_services(server)
+
+    async def _register_by_socket(self) -> None:
+        """Plugin-watcher mode: a socket the kubelet has not seen yet is a registration."""
+        if not self._fresh_socket:
+            await self._restart_server()
+        self._fresh_socket = False
+        self._need_register = False
+        self._last_register_started = time.monotonic()
+
+    def verdict(self, registered: bool) -> None:
+        """The kubelet's answer in plugin-watcher mode (NotifyRegistrationStatus)."""
+        if registered:
+            self.stats.registrations += 1
+            self.registered.set()
+        else:
+            self.registered.clear()
 
     async def _register(self) -> None:
         self._need_register = False

@@ -105,7 +105,18 @@ class FakeKubelet(api_pb2_grpc.RegistrationServicer):
             await context.abort(
                 grpc.StatusCode.UNKNOWN, f"the ResourceName {request.resource_name!r} is invalid"
             )
-        endpoint = self.directory / request.endpoint
+        try:
+            await self.connect(request.resource_name, self.directory / request.endpoint)
+        except ConnectionError as error:
+            await context.abort(grpc.StatusCode.UNKNOWN, str(error))
+        return api_pb2.Empty()
+
+    async def connect(self, resource_name: str, endpoint: Path) -> None:
+        """What the device manager does with a registered plugin: dial, options, stream.
+
+        Shared by Register and by the plugin-watcher path (where `endpoint` comes
+        from GetInfo); raises ConnectionError when the plugin cannot be reached.
+        """
         channel = grpc.aio.insecure_channel(f"unix:{endpoint}")
         try:
             async with asyncio.timeout(DIAL_TIMEOUT):
@@ -114,14 +125,13 @@ class FakeKubelet(api_pb2_grpc.RegistrationServicer):
             options = await stub.GetDevicePluginOptions(api_pb2.Empty(), timeout=DIAL_TIMEOUT)
         except (TimeoutError, grpc.aio.AioRpcError) as error:
             await channel.close()
-            await context.abort(grpc.StatusCode.UNKNOWN, f"cannot connect to {endpoint}: {error}")
-        client = PluginClient(request.resource_name, request.endpoint, options, channel, stub)
-        old = self.clients.get(request.resource_name)
-        self.clients[request.resource_name] = client
+            raise ConnectionError(f"cannot connect to {endpoint}: {error}") from error
+        client = PluginClient(resource_name, endpoint.name, options, channel, stub)
+        old = self.clients.get(resource_name)
+        self.clients[resource_name] = client
         client.stream_task = asyncio.create_task(self._list_and_watch(client))
         if old is not None:
             await self._disconnect(old)
-        return api_pb2.Empty()
 
     async def _list_and_watch(self, client: PluginClient) -> None:
         try:
