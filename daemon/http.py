@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+SHUTDOWN_GRACE = 1.0
+
 
 def split_address(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
@@ -44,7 +46,8 @@ class StatusServer:
         runner = web.AppRunner(self.app(), access_log=None)
         await runner.setup()
         try:
-            site = web.TCPSite(runner, self.host, self.port)
+            # aiohttp waits 60 s for open connections by default; the pod has 15 s to stop.
+            site = web.TCPSite(runner, self.host, self.port, shutdown_timeout=SHUTDOWN_GRACE)
             await site.start()
             self.bound_port = runner.addresses[0][1]
             log.info(

@@ -94,13 +94,26 @@ async def _demo(config: configuration.Config, source: str, once: bool) -> None:
         loop.add_signal_handler(signum, stop.set)
     resources = {spec.resource_name for spec in config.device_plugins}
     async with FakeKubelet(config.device_plugin_dir) as kubelet:
-        daemon_task = asyncio.create_task(Daemon(config, backends).run(stop))
+        daemon = Daemon(config, backends)
+        daemon_task = asyncio.create_task(daemon.run(stop))
         try:
-            await kubelet.wait_for(
-                lambda clients: all(r in clients and clients[r].updates for r in resources),
-                timeout=15,
+            registered = asyncio.create_task(
+                kubelet.wait_for(
+                    lambda clients: all(r in clients and clients[r].updates for r in resources),
+                    timeout=15,
+                )
             )
+            # A daemon that dies (a backend failing at start) must not look like a slow one.
+            await asyncio.wait({registered, daemon_task}, return_when=asyncio.FIRST_COMPLETED)
+            if daemon_task.done():
+                registered.cancel()
+                daemon_task.result()
+                raise DaemonStoppedError
+            await registered
             print(f"\nsimulated kubelet at {kubelet.socket}; registered resources:")
+            if daemon.status_server is not None and daemon.status_server.bound_port:
+                url = f"http://127.0.0.1:{daemon.status_server.bound_port}"
+                print(f"  (the daemon's {url}/metrics, /healthz and /readyz are up)")
             print("\n".join(_device_table(kubelet)))
             for resource in sorted(resources):
                 if not kubelet.client(resource).healthy_ids():
@@ -114,6 +127,10 @@ async def _demo(config: configuration.Config, source: str, once: bool) -> None:
         finally:
             stop.set()
             await daemon_task
+
+
+class DaemonStoppedError(Exception):
+    pass
 
 
 async def _watch(kubelet: FakeKubelet, stop: asyncio.Event) -> None:
@@ -150,6 +167,9 @@ def main(config_path: Path | None, *, once: bool) -> int:
             return 2
         except TimeoutError:
             print("the daemon did not register every resource within 15 s", file=sys.stderr)
+            return 1
+        except (DaemonStoppedError, ExceptionGroup) as error:
+            print(f"the daemon stopped: {error!r}", file=sys.stderr)
             return 1
     print("\nsandbox stopped; its temporary directory is removed")
     return 0
