@@ -43,11 +43,11 @@ class StatusServer:
         return app
 
     async def run(self) -> None:
-        runner = web.AppRunner(self.app(), access_log=None)
+        # aiohttp waits 60 s for open connections by default; the pod has 15 s to stop.
+        runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=SHUTDOWN_GRACE)
         await runner.setup()
         try:
-            # aiohttp waits 60 s for open connections by default; the pod has 15 s to stop.
-            site = web.TCPSite(runner, self.host, self.port, shutdown_timeout=SHUTDOWN_GRACE)
+            site = web.TCPSite(runner, self.host, self.port)
             await site.start()
             self.bound_port = runner.addresses[0][1]
             log.info(
