@@ -151,6 +151,10 @@ class StateStore:
         self.path = directory / STATE_FILE
         self.state = State()
         self._write_lock = asyncio.Lock()
+        # Group commit: each save() call bumps `_changes`; a write covers every change
+        # counted before it serialized, so callers queued behind it need no write of their own.
+        self._changes = 0
+        self._saved = 0
 
     def load(self) -> State:
         try:
@@ -162,11 +166,17 @@ class StateStore:
         return self.state
 
     async def save(self) -> None:
+        """Persist every change made before this call (durably, when it returns)."""
+        self._changes += 1
+        mine = self._changes
         async with self._write_lock:
-            # Serialized after the lock: the bytes written include every change made so far.
+            if self._saved >= mine:
+                return  # a write that serialized after our change already holds it
+            covered = self._changes
             data = json.dumps(self.state.to_json(), indent=1, sort_keys=True).encode()
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             await asyncio.to_thread(_write_atomically, self.path, data)
+            self._saved = covered
 
 
 class _Record(Protocol):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from csi import capacity, validation
+from csi import state as state_module
 from csi.config import CsiConfig, parse_quantity
 from csi.driver import CsiDriver
 from csi.errors import InvalidArgumentError, NotFoundError, OutOfRangeError
@@ -61,6 +63,33 @@ async def test_state_survives_a_round_trip_and_writes_atomically(short_tmp: Path
     with pytest.raises(ValueError, match="version"):
         StateStore(short_tmp / "state").load()
     assert StateStore(short_tmp / "missing").load() == State()
+
+
+async def test_concurrent_saves_share_writes_and_each_returns_durable(
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = StateStore(short_tmp / "state")
+    store.load()
+    writes: list[bytes] = []
+    real_write = state_module._write_atomically
+
+    def counting_write(path: Path, data: bytes) -> None:
+        writes.append(data)
+        real_write(path, data)
+
+    monkeypatch.setattr(state_module, "_write_atomically", counting_write)
+
+    async def change_and_save(index: int) -> None:
+        record = VolumeRecord(f"v{index:032x}", f"pvc-{index}", MiB, False, {}, "", 1.0)
+        store.state.volumes[record.id] = record
+        await store.save()
+        # When save() returns, this caller's change is on disk.
+        on_disk = json.loads(store.path.read_text())
+        assert record.id in json.dumps(on_disk)
+
+    await asyncio.gather(*(change_and_save(i) for i in range(20)))
+    assert len(writes) < 20, "callers queued behind a write share the next one"
+    assert StateStore(short_tmp / "state").load() == store.state
 
 
 @given(required=st.integers(0, 2**40), limit=st.integers(0, 2**40))
