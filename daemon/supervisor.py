@@ -176,8 +176,13 @@ class Daemon:
             if changed and key in self._units:
                 await self._stop(key)
                 stopped.append(key)
+        # What a stopped unit leaves behind must not be read as live (metrics, readiness).
         if _CSI not in self._units:
             self.csi = None
+        if _HTTP not in self._units:
+            self.status_server = None
+        if _NFD not in self._units:
+            self.node_features = None
         self.config = config
         started = await self._start_units(
             config, {n: b for n, b in new_backends.items() if n not in self.plugins}

@@ -137,3 +137,29 @@ async def test_sighup_reloads_the_running_process(short_tmp: Path, kubelet: Fake
         if process.returncode is None:
             os.kill(process.pid, signal.SIGKILL)
             await process.wait()
+
+
+def running_extras(daemon: Daemon) -> tuple[bool, bool]:
+    """Whether the HTTP server and the NFD file writer exist."""
+    return daemon.status_server is not None, daemon.node_features is not None
+
+
+async def test_http_settings_reload_without_touching_plugins(
+    short_tmp: Path, kubelet: FakeKubelet
+) -> None:
+    path = short_tmp / "config.yaml"
+    write(path, short_tmp, plugin(A))
+    async with reloading(path) as (daemon, reloader):
+        await kubelet.wait_for(lambda c: A in c and c[A].updates > 0)
+        stream_of_a = kubelet.client(A)
+        data = configuration.confined_to({"devicePlugins": [plugin(A)]}, short_tmp)
+        path.write_text(
+            yaml.safe_dump({**data, "http": {"address": None}, "nodeFeatures": {"file": None}})
+        )
+        assert await reloader.reload(daemon) == "applied"
+        assert running_extras(daemon) == (False, False)
+        path.write_text(yaml.safe_dump(data))
+        assert await reloader.reload(daemon) == "applied"
+        assert running_extras(daemon) == (True, True)
+        assert kubelet.client(A) is stream_of_a
+        assert registrations(kubelet, A) == 1
