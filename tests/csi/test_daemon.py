@@ -19,6 +19,7 @@ from csi import mounts
 from csi.v1 import csi_pb2, csi_pb2_grpc
 from daemon import config as configuration
 from daemon.supervisor import Daemon
+from deviceplugin.testkit import FakeKubelet
 from tests.csi.conftest import DRIVER, NODE, block_capability, create_request, mount_capability, sh
 from tests.daemon.test_pluginwatcher import FakePluginWatcher, appears
 
@@ -204,3 +205,34 @@ async def test_kill_9_mid_operation_then_restart_is_consistent(
         await check_consistent(short_tmp, btrfs_pool)
         await workload(channel, kubelet)  # the CO retries: everything completes
         await check_consistent(short_tmp, btrfs_pool)
+
+
+async def test_reloading_csi_settings_restarts_only_the_driver(
+    short_tmp: Path, btrfs_pool: Path, kubelet: FakeKubelet
+) -> None:
+    resource = "example.com/widget"
+    plugins = [{"resourceName": resource, "backend": "simulated", "config": {"count": 1}}]
+    data = {**daemon_config(short_tmp, btrfs_pool), "devicePlugins": plugins}
+    config = configuration.parse(data)
+    daemon = Daemon(config, configuration.create_backends(config))
+    stop = asyncio.Event()
+    task = asyncio.create_task(daemon.run(stop))
+    try:
+        await appears(registration_socket(short_tmp))
+        await FakePluginWatcher(registration_socket(short_tmp)).register()
+        await kubelet.wait_for(lambda c: resource in c and c[resource].updates > 0)
+        stream = kubelet.client(resource)
+        csi = data["csi"]
+        assert isinstance(csi, dict)
+        changed = configuration.parse({**data, "csi": {**csi, "nodeId": "node-2"}})
+        restarted = await daemon.apply(changed, configuration.create_backends(changed))
+        assert restarted == ["CSI driver"]
+        await appears(registration_socket(short_tmp))
+        info = await FakePluginWatcher(registration_socket(short_tmp)).register()
+        async with grpc.aio.insecure_channel(f"unix:{info.endpoint}") as channel:
+            node = await csi_pb2_grpc.NodeStub(channel).NodeGetInfo(csi_pb2.NodeGetInfoRequest())
+        assert node.node_id == "node-2"
+        assert kubelet.client(resource) is stream, "the device plugin was not touched"
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=10)
