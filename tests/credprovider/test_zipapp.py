@@ -76,3 +76,32 @@ def test_a_cached_static_answer_imports_only_what_it_needs(app: Path, tmp_path: 
     assert result.returncode == 0, result.stderr
     imported = {name.partition(".")[0] for name in ast.literal_eval(result.stderr.decode())}
     assert imported.isdisjoint(NOT_ON_THE_HOT_PATH), imported & set(NOT_ON_THE_HOT_PATH)
+
+
+def _host_pythons() -> list[str]:
+    """Every CPython >= 3.9 on this machine besides ours (pyenv's, or python3.X on PATH)."""
+    found: dict[int, str] = {}
+    for minor in range(9, 15):
+        for candidate in (
+            *sorted(Path("/root/.pyenv/versions").glob(f"3.{minor}.*/bin/python3")),
+            *(Path(d) / f"python3.{minor}" for d in os.environ.get("PATH", "").split(":") if d),
+        ):
+            if candidate.is_file() and os.access(candidate, os.X_OK):
+                found.setdefault(minor, str(candidate))
+                break
+    return [path for minor, path in sorted(found.items()) if minor != sys.version_info.minor]
+
+
+@pytest.mark.parametrize(
+    "python",
+    _host_pythons()
+    or [pytest.param("", marks=pytest.mark.skip(reason="no other CPython >= 3.9 on this machine"))],
+)
+def test_runs_on_every_host_python_from_3_9(app: Path, tmp_path: Path, python: str) -> None:
+    """The node's python3 may be 3.9 (no tomllib: the bundled tomli parses the config)."""
+    config = write_private(tmp_path / "c.toml", CONFIG)
+    result = run_provider(
+        ["--config", config], request("r.example.com/app"), command=[python, str(app)]
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["auth"] == EXPECTED_AUTH
