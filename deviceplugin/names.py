@@ -9,6 +9,8 @@ import re
 _NAME_PART = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _QUOTA_PREFIX = "requests."
+# Ids are joined with commas in NODEPLUG_<RESOURCE>; whitespace breaks the kubelet's logs.
+_ID_FORBIDDEN = re.compile(r"[\s,]")
 MAX_DEVICE_ID_LENGTH = 63
 # Longest path a sockaddr_un holds, less the terminating NUL.
 MAX_SOCKET_PATH = 107
@@ -51,7 +53,7 @@ def device_id_problem(device_id: str) -> str | None:
         return "empty device id"
     if len(device_id) > MAX_DEVICE_ID_LENGTH:
         return f"device id {device_id!r} is longer than {MAX_DEVICE_ID_LENGTH} characters"
-    if not device_id.isprintable() or any(c.isspace() or c == "," for c in device_id):
+    if not device_id.isprintable() or _ID_FORBIDDEN.search(device_id):
         return f"device id {device_id!r} has whitespace, a comma or an unprintable character"
     return None
 

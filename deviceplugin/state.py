@@ -21,6 +21,10 @@ log = logging.getLogger(__name__)
 HEALTHY = "Healthy"
 UNHEALTHY = "Unhealthy"
 REPLICA_SEPARATOR = "::"
+# The kubelet's gRPC client keeps grpc-go's default receive limit.
+KUBELET_MAX_MESSAGE = 4 * 1024 * 1024
+# Below this many ids a list cannot reach the limit (an entry is at most ~90 bytes).
+_SIZE_CHECK_FROM = 40_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +106,7 @@ class DeviceState:
         self.units = {unit.id: unit for unit in self._expand(devices.values())}
         if diff or self.version == 0:
             self.response = _list_response(self.units.values())
+            _warn_if_too_large(self.response, len(self.units))
             self.version += 1
             self._changed.set()
             self._changed = asyncio.Event()
@@ -137,6 +142,18 @@ def _diff(old: dict[str, Device], new: dict[str, Device]) -> Diff:
         removed=tuple(sorted(old.keys() - new.keys())),
         changed=tuple(sorted(i for i in new.keys() & old.keys() if new[i] != old[i])),
     )
+
+
+def _warn_if_too_large(response: api_pb2.ListAndWatchResponse, units: int) -> None:
+    """The kubelet refuses (and drops the stream of) a device list over its 4 MiB limit."""
+    if units < _SIZE_CHECK_FROM:
+        return  # even 63-character ids with topology stay far below the limit
+    size = response.ByteSize()
+    if size > KUBELET_MAX_MESSAGE:
+        log.error(
+            "device list too large for the kubelet: use shorter ids or fewer replicas",
+            extra={"bytes": size, "limit": KUBELET_MAX_MESSAGE, "devices": units},
+        )
 
 
 def _list_response(units: Iterable[Unit]) -> api_pb2.ListAndWatchResponse:

@@ -77,3 +77,15 @@ async def test_health_overrides_apply_on_top_of_snapshots() -> None:
     assert not state.devices["a"].healthy, "a probe result holds until the next probe"
     assert state.set_health({"a": True}).changed == ("a",)
     assert state.devices["a"].healthy
+
+
+@pytest.mark.parametrize(("id_length", "too_large"), [(8, False), (63, True)])
+async def test_lists_over_the_kubelets_4_mib_limit_are_reported(
+    id_length: int, too_large: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    state = DeviceState()
+    devices = [Device(f"{i:0{id_length}d}", numa_node=i % 2) for i in range(70_000)]
+    with caplog.at_level(logging.ERROR):
+        state.update(devices)
+    assert ("too large for the kubelet" in caplog.text) is too_large
+    assert (state.response.ByteSize() > 4 * 1024 * 1024) is too_large
