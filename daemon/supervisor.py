@@ -107,7 +107,9 @@ class Daemon:
         return all(self.readiness().values())
 
     def own_sockets(self) -> list[Path]:
-        sockets = [plugin.socket_path for plugin in self.plugins.values()]
+        # A plugin waiting for its backend's first device list has no socket yet: that is
+        # readiness's business (not registered), not a liveness failure.
+        sockets = [p.socket_path for p in self.plugins.values() if p.serving]
         if self.csi is not None and self.csi.driver.ready:
             sockets += [self.csi.socket_path, self.csi.registration.socket_path]
         return sockets

@@ -109,6 +109,11 @@ class ResourcePlugin:
     def resource_name(self) -> str:
         return self.settings.resource_name
 
+    @property
+    def serving(self) -> bool:
+        """A server is up (the socket is made only once the backend's first list arrived)."""
+        return self._server is not None
+
     async def run(self) -> None:
         events = self._watcher.subscribe()
         try:

@@ -103,6 +103,19 @@ async def test_readyz_follows_registration_and_healthz_does_round_trips(short_tm
             assert list(json.loads(body)["problems"]) == [str(gone)]
 
 
+async def test_a_backend_still_discovering_is_unready_but_alive(short_tmp: Path) -> None:
+    class Silent(ScriptedBackend):
+        def __init__(self) -> None:
+            super().__init__()
+            self._snapshots.get_nowait()  # no first list: discovery still running
+
+    async with running(make_config(short_tmp, SPEC), [Silent()]) as daemon:
+        status, _ = await get(daemon, "/readyz")
+        assert status == 503
+        status, body = await get(daemon, "/healthz")
+        assert (status, json.loads(body)) == (200, {"ok": True, "problems": {}})
+
+
 async def test_every_socket_serves_grpc_health(short_tmp: Path, kubelet: FakeKubelet) -> None:
     async with running(make_config(short_tmp, SPEC), [ScriptedBackend([device("a")])]) as daemon:
         await kubelet.wait_for_devices(RESOURCE, lambda d: len(d) == 1)
