@@ -83,11 +83,15 @@ class CdiSpecWriter:
     def __init__(self, directory: Path, kind: str) -> None:
         self.kind = kind
         self.path = directory / spec_file_name(kind)
+        self._written: str | None = None
 
     def write(self, devices: Iterable[Device]) -> None:
-        """Replace the spec atomically: runtimes may read it at any moment."""
+        """Replace the spec atomically (runtimes may read it at any moment), if it changed."""
         document = json.dumps(spec(self.kind, devices), indent=2, sort_keys=True) + "\n"
+        if document == self._written and self.path.exists():
+            return  # a snapshot with nothing new for the runtime: no fsync churn
         write_atomically(self.path, document.encode())
+        self._written = document
 
 
 def remove_stale_specs(directory: Path, keep: Iterable[Path]) -> list[Path]:
