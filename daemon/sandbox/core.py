@@ -184,12 +184,12 @@ async def run(sandbox: Sandbox, demos: Sequence[Demo], data: dict[str, Any], onc
             await sandbox.guarded(demo, demo.show(sandbox))
         good = sandbox.console.summary()
         if not once:
-            await _keep_watching(sandbox, [d for d in demos if d not in left_out])
+            good = await _keep_watching(sandbox, [d for d in demos if d not in left_out]) and good
     return good
 
 
-async def _keep_watching(sandbox: Sandbox, demos: Sequence[Demo]) -> None:
-    """Every demo's watch, until cancelled (Ctrl-C) or the daemon stops."""
+async def _keep_watching(sandbox: Sandbox, demos: Sequence[Demo]) -> bool:
+    """Every demo's watch, until cancelled (Ctrl-C) or the daemon stops (False)."""
     sandbox.console.section("running", "Ctrl-C stops the sandbox and removes everything")
     for demo in demos:
         for hint in demo.hints(sandbox):
@@ -205,9 +205,9 @@ async def _keep_watching(sandbox: Sandbox, demos: Sequence[Demo]) -> None:
     tasks = [asyncio.create_task(watching(demo)) for demo in demos]
     try:
         await sandbox.daemon_finished()
-        stopped = sandbox.daemon_stopped()
-        if stopped is not None:
-            sandbox.console.failed("daemon", stopped.message, stopped.remedy)
+        stopped = sandbox.daemon_stopped() or daemon_failure(None)
+        sandbox.console.failed("daemon", stopped.message, stopped.remedy)
+        return False
     finally:
         for task in tasks:
             task.cancel()
