@@ -154,7 +154,11 @@ def _check_binary(section: Section, binary: Path, provider: dict[str, Any]) -> N
         return
     if result.returncode != 0:
         message = (result.stderr or result.stdout).strip().splitlines()
-        section.fail(name, message[-1] if message else f"check exit {result.returncode}")
+        section.fail(
+            name,
+            message[-1] if message else f"check exit {result.returncode}",
+            f"fix what it says; to see it again: {binary} check {' '.join(args)}",
+        )
         return
     first = result.stdout.strip().splitlines()[0] if result.stdout.strip() else "valid"
     section.ok(name, f"{binary} check: {first}")

@@ -240,7 +240,7 @@ def _check_features(section: Section, config: Config, kubelet: Kubelet | None) -
         elif version < minimum:
             section.fail(
                 "features",
-                f"{why}: needs kubelet {wanted}+, this one is {version[0]}.{version[1]}",
+                f"{why}: needs kubelet {wanted}+, this is {version[0]}.{version[1]}",
                 "upgrade the kubelet, or turn the feature off in the config",
             )
         elif (minimum, why) == CDI_FIELD and version == (1, 28) and kubelet is not None:
