@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon import config as configuration
+from daemon.config import Registration
 from daemon.sandbox.core import Demo, Sandbox
 from deviceplugin.testkit import FakeKubelet
 from deviceplugin.v1beta1 import api_pb2
@@ -41,6 +42,9 @@ class DevicePlugins(Demo):
         if sandbox.user_config is not None:
             mine = configuration.load(sandbox.user_config).model_dump(by_alias=True, mode="json")
             self.origin = f"your config {sandbox.user_config}"
+            # Its pool is a real path on this machine: the CSI demo uses a pool of its own.
+            if mine.pop("csi", None) is not None:
+                self.origin += " (its csi: section is replaced by the sandbox's pool)"
             return {**data, **mine}
         if os.geteuid() == 0:
             self.devices_dir = sandbox.root / "dev"
@@ -76,9 +80,12 @@ class DevicePlugins(Demo):
                 lambda clients: all(r in clients and clients[r].updates for r in resources),
                 timeout=REGISTER_TIMEOUT,
             )
-            mode = sandbox.config.device_plugin_registration.value
-            where = kubelet.socket.relative_to(sandbox.root)
-            step.detail = f"{len(resources)} resources via {mode} ({where})"
+            if sandbox.config.device_plugin_registration is Registration.PLUGIN_WATCHER:
+                how = "through the plugin watcher (plugins_registry)"
+            else:
+                how = f"with Register on {kubelet.socket.relative_to(sandbox.root)}"
+            count = f"{len(resources)} resource" + ("s" if len(resources) != 1 else "")
+            step.detail = f"{count} {how}"
             step.lines = device_table(kubelet)
         daemon = sandbox.daemon
         if daemon is not None and daemon.status_server and daemon.status_server.bound_port:
