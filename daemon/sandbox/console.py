@@ -42,14 +42,14 @@ class Step:
     lines: list[str] = field(default_factory=list)
 
 
-def describe(error: BaseException, timeout: float) -> tuple[str, str | None]:
+def describe(error: BaseException, timeout: float | None = None) -> tuple[str, str | None]:
     """What an error means for the person reading, and what to do when that is known."""
     if isinstance(error, StepError):
         return error.message, error.remedy
     if isinstance(error, grpc.aio.AioRpcError):
         return f"{error.code().name}: {error.details()}", None
     if isinstance(error, TimeoutError):
-        return f"no answer within {timeout:g} s", None
+        return ("timed out" if timeout is None else f"no answer within {timeout:g} s"), None
     if isinstance(error, OSError):
         return str(error), None
     return f"{type(error).__name__}: {error}", None

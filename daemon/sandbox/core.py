@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -144,12 +144,13 @@ class Sandbox:
             return None
         return daemon_failure(self._daemon_error)
 
-    async def guarded(self, demo: Demo, work: Coroutine[Any, Any, None]) -> None:
-        """Run a demo's work; if the daemon it needs stops first, stop the work and report.
+    async def guarded(self, demo: Demo) -> None:
+        """Show a demo; if the daemon it needs stops first, stop the demo and say why.
 
-        A failed step has already been reported by the console (SectionFailedError).
+        A failed step was reported by the console already; any other error is reported
+        here, so that a surprise in one demo never ends the others.
         """
-        task = asyncio.create_task(work)
+        task = asyncio.create_task(demo.show(self))
         waiting: set[asyncio.Future[None]] = {task}
         if demo.needs_daemon and self._daemon_task is not None:
             waiting.add(self._daemon_task)
@@ -158,13 +159,13 @@ class Sandbox:
         finally:
             if not task.done():
                 task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, SectionFailedError):
-                await task
-        if not task.cancelled() and task.exception() is None:
-            return
-        stopped = self.daemon_stopped()
-        if stopped is not None and task.cancelled():
+            await asyncio.wait({task})
+        if task.cancelled():
+            stopped = self.daemon_stopped() or daemon_failure(None)
             self.console.failed("daemon", stopped.message, stopped.remedy)
+        elif (error := task.exception()) is not None and not isinstance(error, SectionFailedError):
+            message, remedy = describe(error)
+            self.console.failed(demo.title, message, remedy)
 
 
 async def run(sandbox: Sandbox, demos: Sequence[Demo], data: dict[str, Any], once: bool) -> bool:
@@ -181,7 +182,7 @@ async def run(sandbox: Sandbox, demos: Sequence[Demo], data: dict[str, Any], onc
             if demo.needs_daemon and stopped is not None:
                 sandbox.console.failed("daemon", stopped.message, stopped.remedy)
                 continue
-            await sandbox.guarded(demo, demo.show(sandbox))
+            await sandbox.guarded(demo)
         good = sandbox.console.summary()
         if not once:
             good = await _keep_watching(sandbox, [d for d in demos if d not in left_out]) and good
@@ -199,7 +200,7 @@ async def _keep_watching(sandbox: Sandbox, demos: Sequence[Demo]) -> bool:
         try:
             await demo.watch(sandbox)
         except Exception as error:
-            message, remedy = describe(error, 0)
+            message, remedy = describe(error)
             sandbox.console.failed(demo.title, message, remedy)
 
     tasks = [asyncio.create_task(watching(demo)) for demo in demos]

@@ -242,6 +242,26 @@ async def test_a_daemon_that_stops_is_reported_and_the_other_contracts_still_run
     assert any(status is Status.FAIL for _, _, status in box.console.results)
 
 
+class Surprise(Demo):
+    title = "surprise"
+
+    async def show(self, sandbox: Sandbox) -> None:
+        async with sandbox.console.step("fine"):
+            pass
+        raise RuntimeError("outside any step")
+
+
+async def test_an_error_outside_a_step_is_reported_and_the_next_demo_runs(
+    sandbox: tuple[Sandbox, io.StringIO],
+) -> None:
+    box, out = sandbox
+    good = await run(box, [Surprise(), ImageCredentials()], {}, once=True)
+    text = out.getvalue()
+    assert not good
+    assert re.search(r"✗ surprise\s+RuntimeError: outside any step", text), text
+    assert "zipapp built" in text
+
+
 @pytest.mark.parametrize(
     ("error", "message", "remedy"),
     [
