@@ -158,6 +158,8 @@ CSI_PLUGIN_WATCHER = ((1, 13), "the CSI driver registers through the plugin watc
 
 
 def needed_features(config: Config) -> list[tuple[Version, str]]:
+    # DRA drivers (type DRAPlugin) join here with the DRA config: the kubelet serves
+    # dra v1beta1 from 1.32 and v1 from 1.34.
     needs = []
     if any(spec.cdi for spec in config.device_plugins):
         needs.append(CDI_FIELD)

@@ -83,8 +83,7 @@ class CsiHandler:
                 )
         except grpc.aio.AioRpcError as error:
             raise RefusedError(f"NodeGetInfo failed: {error.code().name}") from error
-        topology = ", ".join(f"{k}={v}" for k, v in node.accessible_topology.segments.items())
-        return f"node {node.node_id}" + (f" ({topology})" if topology else "")
+        return f"NodeGetInfo: node {node.node_id}"
 
 
 class DevicePluginHandler:

@@ -97,10 +97,8 @@ class CsiVolumes(Demo):
             registered = await sandbox.plugin_watcher.wait_for(DRIVER, REGISTER_TIMEOUT)
             info = registered.info
             self.endpoint = info.endpoint or str(registered.socket)
-            step.detail = (
-                f"plugin watcher: {info.type} {info.name} {','.join(info.supported_versions)}, "
-                f"{registered.summary}"
-            )
+            versions = ",".join(info.supported_versions)
+            step.detail = f"{info.type} {info.name} {versions}; {registered.summary}"
         console.info("CSI socket", f"{self.endpoint}  (csc, csi-sanity)")
         console.info("pool", self._pool(sandbox))
         async with grpc.aio.insecure_channel(f"unix:{self.endpoint}") as channel:
@@ -152,7 +150,8 @@ class _Lifecycle:
         """NodeStage then NodePublish, at the paths the kubelet would use."""
         digest = hashlib.sha256(volume_id.encode()).hexdigest()
         staging = self.kubelet_dir / "plugins/kubernetes.io/csi" / DRIVER / digest / "globalmount"
-        pod = self.kubelet_dir / "pods" / str(uuid.uuid4()) / "volumes/kubernetes.io~csi" / pv
+        uid = str(uuid.uuid4())
+        pod = self.kubelet_dir / "pods" / uid / "volumes/kubernetes.io~csi" / pv
         # The kubelet makes the staging directory and the target's parent; the driver
         # makes the target.
         await asyncio.to_thread(staging.mkdir, mode=0o750, parents=True)
@@ -162,7 +161,7 @@ class _Lifecycle:
             staging,
             pod / "mount",
             f"plugins/kubernetes.io/csi/{DRIVER}/{digest[:8]}…/globalmount",
-            f"pods/{pod.parent.parent.name[:8]}…/volumes/kubernetes.io~csi/{pv}/mount",
+            f"pods/{uid[:8]}…/volumes/kubernetes.io~csi/{pv}/mount",
         )
         async with self.console.step("NodeStageVolume") as step:
             await self.node.NodeStageVolume(
