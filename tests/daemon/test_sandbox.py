@@ -123,17 +123,20 @@ async def read_until(stream: asyncio.StreamReader, marker: str, seen: list[str])
 @pytest.mark.root
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize(
-    ("args", "marker", "code"),
+    ("args", "marker", "signum", "code"),
     [
         # Without --once a signal is the normal way out, after the demonstrations.
-        ((), "Ctrl-C stops the sandbox", 0),
+        ((), "Ctrl-C stops the sandbox", signal.SIGINT, 0),
         # With --once, in the middle of the CSI steps (mounts and a loop device held) or
         # with the registry running: an interruption, cleaned up all the same.
-        (("--once",), "NodePublishVolume", 130),
-        (("--once",), "image pushed", 130),
+        (("--once",), "NodePublishVolume", signal.SIGINT, 130),
+        (("--once",), "NodeStageVolume", signal.SIGTERM, 130),
+        (("--once",), "image pushed", signal.SIGINT, 130),
     ],
 )
-async def test_a_signal_cleans_up_everything(args: tuple[str, ...], marker: str, code: int) -> None:
+async def test_a_signal_cleans_up_everything(
+    args: tuple[str, ...], marker: str, signum: int, code: int
+) -> None:
     process = await asyncio.create_subprocess_exec(
         str(NODEPLUG),
         "sandbox",
@@ -146,7 +149,7 @@ async def test_a_signal_cleans_up_everything(args: tuple[str, ...], marker: str,
     seen: list[str] = []
     try:
         await asyncio.wait_for(read_until(process.stdout, marker, seen), timeout=240)
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signum)
         rest = await asyncio.wait_for(process.stdout.read(), timeout=60)
         await process.wait()
     finally:
