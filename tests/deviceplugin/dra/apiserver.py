@@ -205,20 +205,20 @@ class ApiServer:
         node = self.nodes.get(request.match_info["name"])
         if node is None:
             return _not_found("nodes", request.match_info["name"])
-        return web.json_response(node)
+        return _json(node)
 
     async def _get_claim(self, request: web.Request) -> web.StreamResponse:
         key = (request.match_info["ns"], request.match_info["name"])
         claim = self.claims.get(key)
         if claim is None:
             return _not_found("resourceclaims.resource.k8s.io", key[1])
-        return web.json_response(claim)
+        return _json(claim)
 
     async def _get_slice(self, request: web.Request) -> web.StreamResponse:
         obj = self.slices.get(request.match_info["name"])
         if obj is None:
             return _not_found("resourceslices.resource.k8s.io", request.match_info["name"])
-        return web.json_response(obj)
+        return _json(obj)
 
     async def _create_slice(self, request: web.Request) -> web.StreamResponse:
         obj: Object = await request.json()
@@ -240,7 +240,7 @@ class ApiServer:
         self._stamp(obj)
         self.slices[metadata["name"]] = obj
         await self._event("ADDED", obj)
-        return web.json_response(obj, status=201)
+        return _json(obj, status=201)
 
     async def _update_slice(self, request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"]
@@ -268,7 +268,7 @@ class ApiServer:
         self._stamp(obj)
         self.slices[name] = obj
         await self._event("MODIFIED", obj)
-        return web.json_response(obj)
+        return _json(obj)
 
     async def _delete_slice(self, request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"]
@@ -277,7 +277,7 @@ class ApiServer:
             return _not_found("resourceslices.resource.k8s.io", name)
         self._stamp(obj)
         await self._event("DELETED", obj)
-        return web.json_response(obj)
+        return _json(obj)
 
     async def _delete_slices(self, request: web.Request) -> web.StreamResponse:
         matches = self._selected(request)
@@ -287,7 +287,7 @@ class ApiServer:
             del self.slices[obj["metadata"]["name"]]
             self._stamp(obj)
             await self._event("DELETED", obj)
-        return web.json_response(self._list_body(matches))
+        return _json(self._list_body(matches))
 
     async def _list_slices(self, request: web.Request) -> web.StreamResponse:
         matches = self._selected(request)
@@ -295,7 +295,7 @@ class ApiServer:
             return matches
         if request.query.get("watch") in ("true", "1"):
             return await self._watch(request)
-        return web.json_response(self._list_body(matches))
+        return _json(self._list_body(matches))
 
     def _list_body(self, items: list[Object]) -> Object:
         return {
@@ -435,8 +435,16 @@ def _status_body(code: int, reason: str, message: str) -> Object:
 
 
 def _status(code: int, reason: str, message: str) -> web.Response:
-    return web.json_response(_status_body(code, reason, message), status=code)
+    return _json(_status_body(code, reason, message), status=code)
 
 
 def _not_found(resource: str, name: str) -> web.Response:
     return _status(404, "NotFound", f'{resource} "{name}" not found')
+
+
+def _json(body: Object, status: int = 200) -> web.Response:
+    # kube-apiserver sends exactly "application/json", without a charset, and clients
+    # (lightkube among them) compare the header literally before decoding a Status.
+    return web.Response(
+        body=json.dumps(body).encode(), status=status, headers={"Content-Type": "application/json"}
+    )
