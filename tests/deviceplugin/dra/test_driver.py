@@ -114,17 +114,17 @@ async def test_prepare_answers_cdi_ids_and_unprepare_undoes_it(
         assert again.claims[uid] == entry
         assert backend.allocated == [["fpga1"]]
 
-        response = await dra_kubelet.unprepare(DRIVER, [("team-a", uid, "gpu-claim")])
-        assert response.claims[uid].error == ""
+        undone = await dra_kubelet.unprepare(DRIVER, [("team-a", uid, "gpu-claim")])
+        assert undone.claims[uid].error == ""
         assert not (config.cdi.dir / f"nodeplug_dra-{DRIVER}_{uid}.json").exists()
         assert json.loads(checkpoint.read_text())["claims"] == {}
         logged = [r for r in caplog.records if r.getMessage() == "claim unprepared"]
         assert [(r.claim, r.uid) for r in logged] == [("gpu-claim", uid)]  # type: ignore[attr-defined]
         # Unprepare is idempotent: a repeat, and a claim never prepared here, are fine.
-        response = await dra_kubelet.unprepare(
+        undone = await dra_kubelet.unprepare(
             DRIVER, [("team-a", uid, "gpu-claim"), ("team-a", "no-such-uid", "other")]
         )
-        assert {u: e.error for u, e in response.claims.items()} == {uid: "", "no-such-uid": ""}
+        assert {u: e.error for u, e in undone.claims.items()} == {uid: "", "no-such-uid": ""}
 
 
 @pytest.mark.parametrize(
