@@ -133,6 +133,8 @@ class SlicePublisher:
         self._listed = asyncio.Event()
         self._wake = asyncio.Event()
         self._node_uid: str | None = None
+        self._withdrawn = False
+        self._writing = asyncio.Lock()
 
     @property
     def fields(self) -> dict[str, Any]:
@@ -153,11 +155,13 @@ class SlicePublisher:
             tasks.create_task(self._reconcile_loop())
 
     async def remove_all(self) -> None:
-        """Delete every slice of this driver on this node (the driver is uninstalled)."""
-        client = await self.kube.client()
-        async for item in client.list(ResourceSlice, fields=self.fields):
-            if self._ours(item):
-                await self._delete(client, item)
+        """Delete every slice of this driver on this node, and publish no more (uninstall)."""
+        self._withdrawn = True  # or the watch would see the deletions and publish again
+        async with self._writing:  # after a write under way
+            client = await self.kube.client()
+            async for item in client.list(ResourceSlice, fields=self.fields):
+                if self._ours(item):
+                    await self._delete(client, item)
         log.info("ResourceSlices removed", extra={"driver": self.driver, "node": self.node})
 
     # --- following the server -----------------------------------------------------------
@@ -221,11 +225,12 @@ class SlicePublisher:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            if not self._have_desired or not self._listed.is_set():
+            if self._withdrawn or not self._have_desired or not self._listed.is_set():
                 continue
             try:
-                client = await self.kube.client()
-                await self._reconcile(client)
+                async with self._writing:
+                    if not self._withdrawn:
+                        await self._reconcile(await self.kube.client())
                 failures = 0
             except (_ResyncError, ApiError) as error:
                 failures += 1

@@ -142,6 +142,30 @@ class ApiServer:
         self.claims[namespace, name] = claim
         return claim
 
+    async def add_slice(self, name: str, node: str, driver: str, devices: list[str]) -> Object:
+        """Someone else's ResourceSlice (another node's or driver's), as if created by it."""
+        obj: Object = {
+            "apiVersion": "resource.k8s.io/v1",
+            "kind": "ResourceSlice",
+            "metadata": {"name": name},
+            "spec": {
+                "driver": driver,
+                "nodeName": node,
+                "pool": {"name": node, "generation": 1, "resourceSliceCount": 1},
+                "devices": [{"name": device} for device in devices],
+            },
+        }
+        self._stamp(obj)
+        self.slices[name] = obj
+        await self._event("ADDED", obj)
+        return obj
+
+    async def remove_slice(self, name: str) -> None:
+        """Delete a slice behind the driver's back (an admin, or the kubelet's wipe)."""
+        obj = self.slices.pop(name)
+        self._stamp(obj)
+        await self._event("DELETED", obj)
+
     def replace_claim(self, namespace: str, name: str) -> Object:
         """Delete and recreate the claim under the same name: a new UID."""
         old = self.claims[namespace, name]
