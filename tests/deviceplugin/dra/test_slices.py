@@ -18,13 +18,13 @@ from deviceplugin.dra.testkit import FakeDraKubelet
 from deviceplugin.testkit import FakeKubelet
 from tests.deviceplugin.backends import ScriptedBackend, device
 from tests.deviceplugin.conftest import running
-from tests.deviceplugin.dra.apiserver import ApiServer
+from tests.deviceplugin.dra.apiserver import ApiServer, Object
 from tests.deviceplugin.dra.conftest import DRIVER, NODE, RESOURCE, claim_results, dra_config
 
 DRA = {"resourceName": RESOURCE, "backend": "simulated", "api": "dra"}
 
 
-def pool(api: ApiServer, node: str = NODE, driver: str = DRIVER) -> list[dict[str, object]]:
+def pool(api: ApiServer, node: str = NODE, driver: str = DRIVER) -> list[Object]:
     return sorted(api.slices_of(node, driver), key=lambda s: s["metadata"]["name"])
 
 
