@@ -22,6 +22,7 @@ from typing import Protocol, TypeVar
 from deviceplugin import cdi
 from deviceplugin.backend import Allocator, Backend, ContainerEdits, Device
 from deviceplugin.dra.checkpoint import Checkpoint, ClaimRecord, ClaimStatus, PreparedDevice
+from deviceplugin.dra.names import claim_problem, uid_problem
 from deviceplugin.files import write_atomically
 from deviceplugin.names import env_name
 from deviceplugin.state import DeviceState
@@ -143,6 +144,9 @@ class ClaimPreparer:
         return {claim.uid: error for claim, error in zip(claims, errors, strict=True)}
 
     async def _prepare_one(self, claim: ClaimRef) -> Outcome:
+        problem = claim_problem(claim.namespace, claim.name, claim.uid)
+        if problem is not None:
+            return Outcome(error=problem)
         async with self._lock(claim.uid):
             try:
                 return Outcome(await self._prepare(claim))
@@ -154,6 +158,9 @@ class ClaimPreparer:
                 return Outcome(error=f"claim {claim} ({claim.uid}): {error}")
 
     async def _unprepare_one(self, claim: ClaimRef) -> str:
+        problem = uid_problem(claim.uid)
+        if problem is not None:
+            return problem
         async with self._lock(claim.uid):
             try:
                 await self._unprepare(claim)
@@ -166,8 +173,6 @@ class ClaimPreparer:
         record = self.checkpoint.claims.get(claim.uid)
         if record is not None and record.status is ClaimStatus.PREPARED:
             return tuple(record.devices)  # the kubelet asks again: same answer, no new work
-        if not claim.namespace or not claim.name:
-            raise ClaimError("the request lacks the claim's namespace or name")
         results = await self._our_results(claim)
         devices = self._devices(results)
         intent = [PreparedDevice((r.request,), r.pool, r.device, ()) for r in results]

@@ -51,6 +51,29 @@ def dns_subdomain_problem(name: str, limit: int) -> str | None:
     return None
 
 
+# A Kubernetes UID is a UUID; the claim's UID names files, so nothing else gets through.
+_UID = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9]{0,126}[A-Za-z0-9])?$")
+
+
+def uid_problem(uid: str) -> str | None:
+    if not _UID.match(uid):
+        return f"claim uid {uid[:80]!r} is not a Kubernetes UID"
+    return None
+
+
+def claim_problem(namespace: str, name: str, uid: str) -> str | None:
+    """Why the kubelet's claim reference is not one (checked before any use of it)."""
+    problem = uid_problem(uid)
+    if problem is not None:
+        return problem
+    if len(namespace) > 63 or not _DNS_LABEL.match(namespace):
+        return f"claim namespace {namespace[:80]!r} is not a namespace name (a DNS label)"
+    problem = dns_subdomain_problem(name, 253)
+    if problem is not None:
+        return f"claim name {name[:80]!r} {problem}"
+    return None
+
+
 def default_driver_name(resource_name: str) -> str:
     """`example.com/widget` -> `widget.example.com`: the vendor's own domain, as upstream asks."""
     domain, _, name = resource_name.partition("/")

@@ -250,3 +250,35 @@ async def test_attributes_and_capacity_are_published(
                 "capacity": {"memory": {"value": "16Gi"}},
             }
         }
+
+
+@pytest.mark.parametrize(
+    ("namespace", "uid", "name", "error"),
+    [
+        ("ns", "../../etc/x", "c", "is not a Kubernetes UID"),
+        ("ns", "a/b", "c", "is not a Kubernetes UID"),
+        ("NS", "uid-1", "c", "is not a namespace name"),
+        ("ns", "uid-1", "c/../../nodes/x", "must be a lowercase DNS subdomain"),
+        ("", "uid-1", "c", "is not a namespace name"),
+    ],
+)
+async def test_claim_references_are_checked_before_use(
+    short_tmp: Path,
+    api: ApiServer,
+    dra_kubelet: FakeDraKubelet,
+    node_name: str,
+    namespace: str,
+    uid: str,
+    name: str,
+    error: str,
+) -> None:
+    config = dra_config(short_tmp, api, DRA)
+    async with running(config, [ScriptedBackend([device("fpga0")])]):
+        await dra_kubelet.wait_for_driver(DRIVER)
+        before = len(api.requests)
+        response = await dra_kubelet.prepare(DRIVER, [(namespace, uid, name)])
+        assert error in response.claims[uid].error
+        assert not [r for r in api.requests[before:] if "resourceclaims" in r.path]
+        undone = await dra_kubelet.unprepare(DRIVER, [(namespace, uid, name)])
+        assert ("not a Kubernetes UID" in undone.claims[uid].error) is ("UID" in error)
+    assert not (short_tmp / "etc").exists()
