@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from daemon import config as configuration
+from deviceplugin.dra.standin import ApiServer
 from deviceplugin.dra.testkit import FakeDraKubelet
-from tests.deviceplugin.dra.apiserver import ApiServer
 
 NODE = "node-a"
 RESOURCE = "acme.example/fpga"

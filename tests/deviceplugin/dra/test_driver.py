@@ -13,10 +13,10 @@ import pytest
 
 from daemon.config import Config
 from deviceplugin.backend import Version
+from deviceplugin.dra.standin import ApiServer
 from deviceplugin.dra.testkit import FakeDraKubelet
 from tests.deviceplugin.backends import AllocatingBackend, ScriptedBackend, device
 from tests.deviceplugin.conftest import running
-from tests.deviceplugin.dra.apiserver import ApiServer
 from tests.deviceplugin.dra.conftest import DRIVER, NODE, RESOURCE, claim_results, dra_config
 
 DRA = {"resourceName": RESOURCE, "backend": "simulated", "api": "dra"}

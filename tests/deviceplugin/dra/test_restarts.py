@@ -11,10 +11,10 @@ import grpc
 import pytest
 
 from deviceplugin.backend import ContainerEdits, Device
+from deviceplugin.dra.standin import ApiServer
 from deviceplugin.dra.testkit import DriverClient, FakeDraKubelet
 from tests.deviceplugin.backends import AllocatingBackend, ScriptedBackend, device
 from tests.deviceplugin.conftest import running
-from tests.deviceplugin.dra.apiserver import ApiServer
 from tests.deviceplugin.dra.conftest import DRIVER, NODE, RESOURCE, claim_results, dra_config
 
 DRA = {"resourceName": RESOURCE, "backend": "simulated", "api": "dra"}

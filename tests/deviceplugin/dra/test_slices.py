@@ -14,11 +14,11 @@ from daemon.supervisor import Daemon
 from deviceplugin.backend import Device
 from deviceplugin.dra.health.v1alpha1 import api_pb2 as health_pb2
 from deviceplugin.dra.slices import SlicePublisher
+from deviceplugin.dra.standin import ApiServer, Object
 from deviceplugin.dra.testkit import FakeDraKubelet
 from deviceplugin.testkit import FakeKubelet
 from tests.deviceplugin.backends import ScriptedBackend, device
 from tests.deviceplugin.conftest import running
-from tests.deviceplugin.dra.apiserver import ApiServer, Object
 from tests.deviceplugin.dra.conftest import DRIVER, NODE, RESOURCE, claim_results, dra_config
 
 DRA = {"resourceName": RESOURCE, "backend": "simulated", "api": "dra"}

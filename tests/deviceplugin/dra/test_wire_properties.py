@@ -20,10 +20,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from daemon.supervisor import Daemon
+from deviceplugin.dra.standin import ApiServer
 from deviceplugin.dra.testkit import FakeDraKubelet
 from deviceplugin.dra.v1 import api_pb2, api_pb2_grpc
 from tests.deviceplugin.backends import ScriptedBackend, device
-from tests.deviceplugin.dra.apiserver import ApiServer
 from tests.deviceplugin.dra.conftest import DRIVER, NODE, RESOURCE, claim_results, dra_config
 
 CLAIM = ("ns", "good")

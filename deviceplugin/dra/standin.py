@@ -9,7 +9,11 @@ Only what nodeplug's DRA driver uses, done as kube-apiserver does it:
   event, as after etcd compaction; a watch without one starts with ADDED events;
 - ResourceClaims (namespaced) and Nodes: get.
 Faults for tests: refuse the next N updates with 409, compact the history, cut every
-open watch, count requests. Test-only: aiohttp is imported here and nowhere in the daemon.
+open watch, count requests.
+
+For the tests, `nodeplug sandbox` and bench/ (and vendors testing a DRA backend), like
+deviceplugin.testkit; the daemon never imports it. It is aiohttp's only user besides
+the daemon's HTTP endpoints.
 """
 
 from __future__ import annotations
