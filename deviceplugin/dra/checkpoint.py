@@ -1,28 +1,24 @@
 """Prepared claims of one DRA driver, checkpointed so that a restarted daemon keeps its word.
 
 One JSON file under stateDir (0600), replaced atomically on every change. A claim is
-first recorded as "preparing" (the intent, with the devices it will get), then as
-"prepared" with the answer the kubelet got. After a crash, a claim still "preparing"
-is prepared again when the kubelet retries (it never got an answer); a "prepared" one
-is answered from here, never prepared twice; Unprepare works for both.
+recorded once prepared (its CDI spec written), with the answer the kubelet got: after a
+restart it is answered from here, never prepared twice, and Unprepare finds it. A crash
+before the record leaves at most the claim's CDI spec file, named by its UID: the
+driver deletes specs the checkpoint does not know at start, and the kubelet, which got
+no answer, calls Prepare again. No intent record is needed: preparing has no other
+side effect to undo (the backend's allocate hook returns edits, it holds nothing).
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from deviceplugin.files import write_atomically
 
 FORMAT_VERSION = 1
-
-
-class ClaimStatus(StrEnum):
-    PREPARING = "preparing"
-    PREPARED = "prepared"
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +35,6 @@ class PreparedDevice:
 class ClaimRecord:
     namespace: str
     name: str
-    status: ClaimStatus
     devices: list[PreparedDevice] = field(default_factory=list)
 
 
@@ -90,4 +85,4 @@ def _record(raw: dict[str, Any]) -> ClaimRecord:
         PreparedDevice(tuple(d["requests"]), d["pool"], d["device"], tuple(d["cdi_ids"]))
         for d in raw["devices"]
     ]
-    return ClaimRecord(raw["namespace"], raw["name"], ClaimStatus(raw["status"]), devices)
+    return ClaimRecord(raw["namespace"], raw["name"], devices)

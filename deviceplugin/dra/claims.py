@@ -4,8 +4,8 @@ For each claim: read the ResourceClaim from the API server, check that it is the
 the kubelet means (same UID) and allocated, take the allocation results of this driver
 (only ours: a claim may hold devices of other drivers too), let the backend prepare the
 devices (its optional `allocate` hook, once per claim), write the claim's CDI spec and
-answer CDI device ids per device. Claims are checkpointed (see checkpoint.py), so both
-calls are idempotent across daemon restarts, and a claim is never prepared twice.
+answer CDI device ids per device. Prepared claims are checkpointed (checkpoint.py), so
+both calls are idempotent across daemon restarts, and a claim is never prepared twice.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Protocol, TypeVar
 
 from deviceplugin import cdi
 from deviceplugin.backend import Allocator, Backend, ContainerEdits, Device
-from deviceplugin.dra.checkpoint import Checkpoint, ClaimRecord, ClaimStatus, PreparedDevice
+from deviceplugin.dra.checkpoint import Checkpoint, ClaimRecord, PreparedDevice
 from deviceplugin.dra.names import claim_problem, uid_problem
 from deviceplugin.files import write_atomically
 from deviceplugin.names import env_name
@@ -125,12 +125,13 @@ class ClaimPreparer:
             if path not in known:
                 log.info("removing a CDI spec of a claim not prepared", extra={"path": str(path)})
                 await asyncio.to_thread(_unlink, path)
-        claims = self.checkpoint.claims
-        prepared = [u for u, r in claims.items() if r.status is ClaimStatus.PREPARED]
-        if claims:
+        if self.checkpoint.claims:
             log.info(
                 "DRA checkpoint loaded",
-                extra={"driver": self.settings.driver_name, "prepared": prepared},
+                extra={
+                    "driver": self.settings.driver_name,
+                    "prepared": list(self.checkpoint.claims),
+                },
             )
 
     # --- the two calls ------------------------------------------------------------------
@@ -171,12 +172,10 @@ class ClaimPreparer:
 
     async def _prepare(self, claim: ClaimRef) -> tuple[PreparedDevice, ...]:
         record = self.checkpoint.claims.get(claim.uid)
-        if record is not None and record.status is ClaimStatus.PREPARED:
+        if record is not None:
             return tuple(record.devices)  # the kubelet asks again: same answer, no new work
         results = await self._our_results(claim)
         devices = self._devices(results)
-        intent = [PreparedDevice((r.request,), r.pool, r.device, ()) for r in results]
-        await self._record(claim, ClaimStatus.PREPARING, intent)
         edits = ContainerEdits()
         if self._allocator is not None and devices:
             edits = await self._hook(self._allocator.allocate(list(devices.values())))
@@ -186,7 +185,7 @@ class ClaimPreparer:
             await asyncio.to_thread(write_atomically, self.spec_path(claim.uid), document)
         except OSError as error:
             raise ClaimError(f"cannot write the CDI spec: {error}") from error
-        await self._record(claim, ClaimStatus.PREPARED, answer)
+        await self._record(claim, answer)
         log.info(
             "claim prepared",
             extra={**self._fields(claim), "devices": [d.device for d in answer]},
@@ -277,12 +276,8 @@ class ClaimPreparer:
         document = cdi.spec(self.settings.cdi_kind, entries)
         return json.dumps(document, indent=2, sort_keys=True).encode() + b"\n"
 
-    async def _record(
-        self, claim: ClaimRef, status: ClaimStatus, devices: list[PreparedDevice]
-    ) -> None:
-        self.checkpoint.claims[claim.uid] = ClaimRecord(
-            claim.namespace, claim.name, status, devices
-        )
+    async def _record(self, claim: ClaimRef, devices: list[PreparedDevice]) -> None:
+        self.checkpoint.claims[claim.uid] = ClaimRecord(claim.namespace, claim.name, devices)
         await self._save()
 
     async def _save(self) -> None:

@@ -105,7 +105,7 @@ async def test_prepare_answers_cdi_ids_and_unprepare_undoes_it(
         assert "ACME_SESSION=fpga1" in entries[uid]["env"]
         checkpoint = config.state_dir / f"dra-{DRIVER}.json"
         assert stat.S_IMODE(checkpoint.stat().st_mode) == 0o600
-        assert json.loads(checkpoint.read_text())["claims"][uid]["status"] == "prepared"
+        assert json.loads(checkpoint.read_text())["claims"][uid]["namespace"] == "team-a"
         logged = [r for r in caplog.records if r.getMessage() == "claim prepared"]
         assert [(r.claim, r.uid) for r in logged] == [("gpu-claim", uid)]  # type: ignore[attr-defined]
 
