@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import itertools
 import json
 import secrets
@@ -215,7 +214,7 @@ class ApiServer:
 
     async def _event(self, kind: str, obj: Object) -> None:
         version = int(obj["metadata"]["resourceVersion"])
-        self._history.append((version, kind, copy.deepcopy(obj)))
+        self._history.append((version, kind, _copy(obj)))
         async with self._changed:
             self._changed.notify_all()
 
@@ -338,7 +337,7 @@ class ApiServer:
             match = _selector(request.query)
         except ValueError as error:
             return _status(400, "BadRequest", str(error))
-        return [copy.deepcopy(o) for o in self.slices.values() if match(o)]
+        return [_copy(o) for o in self.slices.values() if match(o)]
 
     async def _watch(self, request: web.Request) -> web.StreamResponse:
         match = _selector(request.query)
@@ -476,3 +475,9 @@ def _json(body: Object, status: int = 200) -> web.Response:
     return web.Response(
         body=json.dumps(body).encode(), status=status, headers={"Content-Type": "application/json"}
     )
+
+
+def _copy(obj: Object) -> Object:
+    # JSON data only: a JSON round trip copies it several times faster than deepcopy.
+    copied: Object = json.loads(json.dumps(obj))
+    return copied
