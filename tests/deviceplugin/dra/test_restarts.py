@@ -10,7 +10,9 @@ from pathlib import Path
 import grpc
 import pytest
 
+from daemon.supervisor import Daemon
 from deviceplugin.backend import ContainerEdits, Device
+from deviceplugin.dra.checkpoint import CheckpointError
 from deviceplugin.dra.standin import ApiServer
 from deviceplugin.dra.testkit import DriverClient, FakeDraKubelet
 from tests.deviceplugin.backends import AllocatingBackend, ScriptedBackend, device
@@ -127,3 +129,19 @@ async def test_a_device_removed_while_prepared(
 
 def _names(api: ApiServer) -> list[str]:
     return sorted(d["name"] for s in api.slices_of(NODE, DRIVER) for d in s["spec"]["devices"])
+
+
+@pytest.mark.parametrize(
+    "content", ["{not json", '{"version": 99, "claims": {}}', '{"version": 1, "claims": {"u": {}}}']
+)
+async def test_a_checkpoint_it_cannot_trust_stops_the_daemon(
+    short_tmp: Path, api: ApiServer, node_name: str, content: str
+) -> None:
+    """Answering the kubelet from a checkpoint it cannot read could prepare claims twice."""
+    config = dra_config(short_tmp, api, DRA)
+    config.state_dir.mkdir(parents=True)
+    (config.state_dir / f"dra-{DRIVER}.json").write_text(content)
+    daemon = Daemon(config, [ScriptedBackend([device("fpga0")])])
+    with pytest.raises(ExceptionGroup) as raised:
+        await asyncio.wait_for(daemon.run(asyncio.Event()), timeout=10)
+    assert raised.group_contains(CheckpointError)
