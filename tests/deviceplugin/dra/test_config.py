@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from daemon import config as configuration
+from daemon.inspection import describe
 from deviceplugin.backend import Device, Version
 from deviceplugin.dra import names
 from deviceplugin.dra.slices import chunks, device_entry, index_width, publishable, slice_index
@@ -172,3 +173,15 @@ def test_publishable_leaves_out_unhealthy_and_unnamable_devices() -> None:
         "name": "b",
         "attributes": {"numaNode": {"int": 0}},
     }
+
+
+def test_check_config_describes_the_dra_drivers() -> None:
+
+    config = configuration.parse({"devicePlugins": [{**WIDGET, "api": "dra"}], "kubeletDir": "/k"})
+    text = "\n".join(describe(config))
+    assert (
+        "DRA driver        widget.example.com, socket /k/plugins/widget.example.com/dra.sock"
+        in text
+    )
+    assert "device-plugins/" not in text, "a DRA-only resource has no device-plugin socket"
+    assert "Kubernetes API      in-cluster, else $KUBECONFIG" in text
