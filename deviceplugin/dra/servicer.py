@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from types import ModuleType
 from typing import Any
 
 import grpc
@@ -66,46 +67,34 @@ def _fill_unprepare(response: Any, errors: Mapping[str, str]) -> None:
         response.claims[uid].error = error
 
 
-class DraPluginV1(v1_grpc.DRAPluginServicer):
-    def __init__(self, preparer: ClaimPreparer) -> None:
-        self.preparer = preparer
+class _DraPlugin:
+    """DRAPlugin over a ClaimPreparer, for the version whose messages `api` holds."""
 
-    async def NodePrepareResources(
-        self, request: v1.NodePrepareResourcesRequest, context: Context
-    ) -> v1.NodePrepareResourcesResponse:
-        response = v1.NodePrepareResourcesResponse()
+    def __init__(self, preparer: ClaimPreparer, api: ModuleType) -> None:
+        self.preparer = preparer
+        self._api = api
+
+    async def NodePrepareResources(self, request: Any, context: Context) -> Any:
+        response = self._api.NodePrepareResourcesResponse()
         claims = await _claims(request.claims, context)
         _fill_prepare(response, await self.preparer.prepare(claims))
         return response
 
-    async def NodeUnprepareResources(
-        self, request: v1.NodeUnprepareResourcesRequest, context: Context
-    ) -> v1.NodeUnprepareResourcesResponse:
-        response = v1.NodeUnprepareResourcesResponse()
+    async def NodeUnprepareResources(self, request: Any, context: Context) -> Any:
+        response = self._api.NodeUnprepareResourcesResponse()
         claims = await _claims(request.claims, context)
         _fill_unprepare(response, await self.preparer.unprepare(claims))
         return response
 
 
-class DraPluginV1beta1(v1beta1_grpc.DRAPluginServicer):
+class DraPluginV1(_DraPlugin, v1_grpc.DRAPluginServicer):
     def __init__(self, preparer: ClaimPreparer) -> None:
-        self.preparer = preparer
+        super().__init__(preparer, v1)
 
-    async def NodePrepareResources(
-        self, request: v1beta1.NodePrepareResourcesRequest, context: Context
-    ) -> v1beta1.NodePrepareResourcesResponse:
-        response = v1beta1.NodePrepareResourcesResponse()
-        claims = await _claims(request.claims, context)
-        _fill_prepare(response, await self.preparer.prepare(claims))
-        return response
 
-    async def NodeUnprepareResources(
-        self, request: v1beta1.NodeUnprepareResourcesRequest, context: Context
-    ) -> v1beta1.NodeUnprepareResourcesResponse:
-        response = v1beta1.NodeUnprepareResourcesResponse()
-        claims = await _claims(request.claims, context)
-        _fill_unprepare(response, await self.preparer.unprepare(claims))
-        return response
+class DraPluginV1beta1(_DraPlugin, v1beta1_grpc.DRAPluginServicer):
+    def __init__(self, preparer: ClaimPreparer) -> None:
+        super().__init__(preparer, v1beta1)
 
 
 class ResourceHealth(health_grpc.DRAResourceHealthServicer):

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import grpc
 from asyncinotify import Inotify, Mask
+from google.protobuf.message import Message
 
 # The plugin-watcher API is the kubelet's, generated under daemon/ for the CSI driver;
 # this simulator is its one user outside daemon/ (an import-linter exception).
@@ -216,42 +217,27 @@ class FakeDraKubelet:
         self, driver: str, claims: Sequence[ClaimTuple]
     ) -> v1.NodePrepareResourcesResponse:
         """NodePrepareResources with the chosen service; answers in v1 form either way."""
-        client = self.driver(driver)
-        if client.chosen == "v1beta1.DRAPlugin":
-            request = v1beta1.NodePrepareResourcesRequest()
-            _add_claims(request.claims, claims)
-            old = await v1beta1_grpc.DRAPluginStub(client.channel).NodePrepareResources(
-                request, timeout=CALL_TIMEOUT
-            )
-            # v1 only adds an optional field: the encodings are compatible.
-            return v1.NodePrepareResourcesResponse.FromString(old.SerializeToString())
-        v1_request = v1.NodePrepareResourcesRequest()
-        _add_claims(v1_request.claims, claims)
-        return await v1_grpc.DRAPluginStub(client.channel).NodePrepareResources(
-            v1_request, timeout=CALL_TIMEOUT
-        )
+        answer = await self._call(driver, "NodePrepareResources", claims)
+        # v1 only adds an optional field to v1beta1: the encodings are compatible.
+        return v1.NodePrepareResourcesResponse.FromString(answer.SerializeToString())
 
     async def unprepare(
         self, driver: str, claims: Sequence[ClaimTuple]
     ) -> v1.NodeUnprepareResourcesResponse:
+        answer = await self._call(driver, "NodeUnprepareResources", claims)
+        return v1.NodeUnprepareResourcesResponse.FromString(answer.SerializeToString())
+
+    async def _call(self, driver: str, method: str, claims: Sequence[ClaimTuple]) -> Message:
         client = self.driver(driver)
-        if client.chosen == "v1beta1.DRAPlugin":
-            request = v1beta1.NodeUnprepareResourcesRequest()
-            _add_claims(request.claims, claims)
-            old = await v1beta1_grpc.DRAPluginStub(client.channel).NodeUnprepareResources(
-                request, timeout=CALL_TIMEOUT
-            )
-            return v1.NodeUnprepareResourcesResponse.FromString(old.SerializeToString())
-        v1_request = v1.NodeUnprepareResourcesRequest()
-        _add_claims(v1_request.claims, claims)
-        return await v1_grpc.DRAPluginStub(client.channel).NodeUnprepareResources(
-            v1_request, timeout=CALL_TIMEOUT
+        api, stubs = (
+            (v1beta1, v1beta1_grpc) if client.chosen == "v1beta1.DRAPlugin" else (v1, v1_grpc)
         )
+        request = getattr(api, f"{method}Request")()
+        for namespace, uid, name in claims:
+            request.claims.add(namespace=namespace, uid=uid, name=name)
+        call = getattr(stubs.DRAPluginStub(client.channel), method)
+        answer: Message = await call(request, timeout=CALL_TIMEOUT)
+        return answer
 
     def supports_health(self, driver: str) -> bool:
         return HEALTH_SERVICE in self.driver(driver).services
-
-
-def _add_claims(field: object, claims: Sequence[ClaimTuple]) -> None:
-    for namespace, uid, name in claims:
-        field.add(namespace=namespace, uid=uid, name=name)  # type: ignore[attr-defined]
