@@ -177,7 +177,7 @@ class Daemon:
         for name in sorted(set(self.plugins) | set(self.dra)):
             key = _plugin_key(name)
             new = new_specs.get(name)
-            if base_changed or self._units[key].spec != new:
+            if base_changed or self._units[key].spec != _unit_spec(config, new):
                 dra = self.dra.pop(name, None)
                 if dra is not None and (new is None or not new.serves_dra):
                     await dra.uninstall()  # no longer a DRA driver: withdraw its slices
@@ -241,7 +241,8 @@ class Daemon:
                 dra = self._dra_plugin(config, spec, backend, plugin)
                 self.dra[spec.resource_name] = dra
             work = _serve_resource(plugin, dra)
-            started.append(self._start(_plugin_key(spec.resource_name), spec, work))
+            key = _plugin_key(spec.resource_name)
+            started.append(self._start(key, _unit_spec(config, spec), work))
         if config.csi is not None and _CSI not in self._units:
             self.csi = CsiPlugin(config.csi, config.kubelet_dir, config.state_dir, self.sockets)
             started.append(self._start(_CSI, config.csi, self.csi.run()))
@@ -344,13 +345,14 @@ class Daemon:
 
 def _base(config: Config) -> tuple[object, ...]:
     """Settings every plugin depends on: a change restarts them all."""
-    return (
-        config.kubelet_dir,
-        config.state_dir,
-        config.device_plugin_registration,
-        config.cdi,
-        config.kubeconfig,
-    )
+    return (config.kubelet_dir, config.state_dir, config.device_plugin_registration, config.cdi)
+
+
+def _unit_spec(config: Config, spec: DevicePluginSpec | None) -> object:
+    """What a resource's unit depends on: its entry, and the API credentials if it uses DRA."""
+    if spec is None or not spec.serves_dra:
+        return spec
+    return (spec, config.kubeconfig)
 
 
 async def _serve_resource(plugin: ResourcePlugin | None, dra: DraPlugin | None) -> None:

@@ -242,3 +242,19 @@ async def test_both_apis_share_one_backend_watch(
         await kubelet.wait_for_devices(RESOURCE, lambda d: len(d) == 2)
         await api.wait_for(lambda: names(api) == ["fpga0", "fpga1"])
         assert backend.watches == 1
+
+
+async def test_new_api_credentials_restart_only_the_dra_units(
+    short_tmp: Path, api: ApiServer, kubelet: FakeKubelet, node_name: str
+) -> None:
+    plain = {"resourceName": "acme.example/plain", "backend": "simulated"}
+    config = dra_config(short_tmp, api, DRA, plain)
+    backends = [ScriptedBackend([device("fpga0")]), ScriptedBackend([device("w0")])]
+    async with running(config, backends) as daemon:
+        await api.wait_for(lambda: names(api) == ["fpga0"])
+        await kubelet.wait_for_devices("acme.example/plain", bool)
+        moved = api.write_kubeconfig(short_tmp / "kubeconfig-2")
+        new = config.model_copy(update={"kubeconfig": moved})
+        restarted = await daemon.apply(new, [ScriptedBackend([device("fpga0")]), backends[1]])
+        assert restarted == [f"device plugin {RESOURCE}"]
+        await synced(daemon)
