@@ -50,6 +50,10 @@ class _ResyncError(Exception):
     """Our view of the slices is stale (409 Conflict, 404 Not Found): list again."""
 
 
+class _NotYetError(Exception):
+    """Something the slices need is not there yet (this node's Node object)."""
+
+
 def device_entry(device: Device, numa_attribute: bool = True) -> Json:
     """A device as resource.k8s.io/v1 Device: name, typed attributes, capacities."""
     attributes: dict[str, AttributeValue] = {}
@@ -210,7 +214,7 @@ class SlicePublisher:
         # Belt and braces over the field selector: never touch another node's or driver's.
         return item.spec.nodeName == self.node and item.spec.driver == self.driver
 
-    async def _pause(self, what: str, error: Exception, failures: int) -> None:
+    async def _pause(self, what: str, error: Exception | str, failures: int) -> None:
         delay = min(RETRY_MAX, RETRY_FIRST * 2 ** (failures - 1)) * random.uniform(0.8, 1.2)  # noqa: S311
         log.warning(
             what,
@@ -232,14 +236,19 @@ class SlicePublisher:
                     if not self._withdrawn:
                         await self._reconcile(await self.kube.client())
                 failures = 0
-            except (_ResyncError, ApiError) as error:
+            except _ResyncError as error:
                 failures += 1
                 self.stats.conflicts += 1
                 log.info(
                     "ResourceSlices changed under us; listing again", extra={"error": str(error)}
                 )
                 await self._resync(failures)
-            except (httpx2.HTTPError, KubeConfigError, OSError) as error:
+            except ApiError as error:  # refused: forbidden (RBAC, admission), invalid, ...
+                failures += 1
+                self._wake.set()
+                status = f"{error.status.code} {error.status.reason}: {error.status.message}"
+                await self._pause("the API server refused a ResourceSlice", status, failures)
+            except (httpx2.HTTPError, KubeConfigError, OSError, _NotYetError) as error:
                 failures += 1
                 self._wake.set()
                 await self._pause("publishing ResourceSlices failed", error, failures)
@@ -318,7 +327,7 @@ class SlicePublisher:
                 node = await client.get(Node, self.node)
             except ApiError as error:
                 if error.status.code == 404:
-                    raise OSError(f"Node {self.node!r} does not exist (yet)") from error
+                    raise _NotYetError(f"Node {self.node!r} does not exist (yet)") from error
                 raise
             self._node_uid = node.metadata.uid  # type: ignore[union-attr]
         return {

@@ -8,8 +8,8 @@ Only what nodeplug's DRA driver uses, done as kube-apiserver does it:
 - a watch from a resourceVersion older than the kept history gets a 410 Gone ERROR
   event, as after etcd compaction; a watch without one starts with ADDED events;
 - ResourceClaims (namespaced) and Nodes: get.
-Faults for tests: refuse the next N updates with 409, compact the history, cut every
-open watch, count requests.
+Faults for tests: refuse the next N updates with 409, refuse all writes with 403,
+compact the history, cut every open watch, count requests.
 
 For the tests, `nodeplug sandbox` and bench/ (and vendors testing a DRA backend), like
 deviceplugin.testkit; the daemon never imports it. It is aiohttp's only user besides
@@ -57,6 +57,8 @@ class ApiServer:
     requests: list[Request] = field(default_factory=list)
     # Refuse this many coming updates with 409 Conflict, as if someone else wrote first.
     conflicts_to_inject: int = 0
+    # Refuse every write with 403, as RBAC or an admission policy would.
+    forbid_writes: bool = False
     port: int = 0
     _version: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     _history: list[tuple[int, str, Object]] = field(default_factory=list)
@@ -181,7 +183,9 @@ class ApiServer:
         self._history.clear()
 
     async def drop_watches(self) -> None:
-        for response in list(self._watches):
+        dropped = list(self._watches)
+        self._watches.clear()  # their loops end at the wake-up below
+        for response in dropped:
             with contextlib.suppress(Exception):
                 await response.write_eof()
         async with self._changed:
@@ -195,7 +199,7 @@ class ApiServer:
         ]
 
     async def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-        """Wait until predicate() holds (checked after every change of state)."""
+        """Wait until predicate() holds (checked after every request and change of state)."""
         async with asyncio.timeout(timeout), self._changed:
             await self._changed.wait_for(predicate)
 
@@ -223,8 +227,12 @@ class ApiServer:
         self, request: web.Request, handler: Callable[[web.Request], Any]
     ) -> web.StreamResponse:
         self.requests.append(Request(request.method, request.path, dict(request.query)))
+        async with self._changed:  # wait_for() predicates may look at the requests too
+            self._changed.notify_all()
         if request.headers.get("Authorization") != f"Bearer {self.token}":
             return _status(401, "Unauthorized", "no valid bearer token")
+        if self.forbid_writes and request.method in ("POST", "PUT", "DELETE"):
+            return _status(403, "Forbidden", "denied by the test's admission policy")
         response: web.StreamResponse = await handler(request)
         return response
 

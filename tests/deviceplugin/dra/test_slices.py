@@ -258,3 +258,18 @@ async def test_new_api_credentials_restart_only_the_dra_units(
         restarted = await daemon.apply(new, [ScriptedBackend([device("fpga0")]), backends[1]])
         assert restarted == [f"device plugin {RESOURCE}"]
         await synced(daemon)
+
+
+async def test_refused_writes_are_reported_and_retried(
+    short_tmp: Path, api: ApiServer, node_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    api.forbid_writes = True
+    async with running(dra_config(short_tmp, api, DRA), [ScriptedBackend([device("fpga0")])]):
+        await api.wait_for(lambda: any(r.method == "POST" for r in api.requests))
+        assert pool(api) == []
+        api.forbid_writes = False
+        await api.wait_for(lambda: names(api) == ["fpga0"], timeout=20)
+    refused = [
+        r for r in caplog.records if r.getMessage() == "the API server refused a ResourceSlice"
+    ]
+    assert refused and "403 Forbidden" in refused[0].error  # type: ignore[attr-defined]
