@@ -141,6 +141,11 @@ class SlicePublisher:
         self._writing = asyncio.Lock()
 
     @property
+    def published_devices(self) -> int:
+        """Devices in the slices as last published (what the backend reports, when in sync)."""
+        return sum(len(devices) for devices in self._desired) if self.in_sync.is_set() else 0
+
+    @property
     def fields(self) -> dict[str, Any]:
         return {"spec.nodeName": self.node, "spec.driver": self.driver}
 

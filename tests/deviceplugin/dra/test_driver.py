@@ -3,6 +3,7 @@ over real Unix sockets; ResourceClaims and ResourceSlices live in the HTTP API s
 
 from __future__ import annotations
 
+import asyncio
 import json
 import stat
 from dataclasses import replace
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from prometheus_client import generate_latest
 
 from daemon.config import Config
 from deviceplugin.backend import Version
@@ -282,3 +284,24 @@ async def test_claim_references_are_checked_before_use(
         undone = await dra_kubelet.unprepare(DRIVER, [(namespace, uid, name)])
         assert ("not a Kubernetes UID" in undone.claims[uid].error) is ("UID" in error)
     assert not (short_tmp / "etc").exists()
+
+
+async def test_metrics_count_claims_slices_and_dra_calls(
+    short_tmp: Path, api: ApiServer, dra_kubelet: FakeDraKubelet, node_name: str
+) -> None:
+    claim = api.add_claim("ns", "c", claim_results("fpga0"))
+    uid = claim["metadata"]["uid"]
+    backend = ScriptedBackend([device("fpga0"), device("fpga1")])
+    async with running(dra_config(short_tmp, api, DRA), [backend]) as daemon:
+        await dra_kubelet.wait_for_driver(DRIVER)
+        await api.wait_for(lambda: len(published(api)) == 2)
+        await dra_kubelet.prepare(DRIVER, [("ns", uid, "c")])
+        await asyncio.wait_for(daemon.dra[RESOURCE].driver.publisher.in_sync.wait(), 5)
+        text = generate_latest(daemon.metrics.registry).decode()
+    assert f'nodeplug_dra_prepared_claims{{driver="{DRIVER}"}} 1.0' in text
+    assert f'nodeplug_dra_published_devices{{driver="{DRIVER}"}} 2.0' in text
+    assert f'nodeplug_dra_slices_in_sync{{driver="{DRIVER}"}} 1.0' in text
+    assert f'nodeplug_dra_slice_writes_total{{driver="{DRIVER}",operation="create"}} 1.0' in text
+    method = "/k8s.io.kubelet.pkg.apis.dra.v1.DRAPlugin/NodePrepareResources"
+    assert f'nodeplug_grpc_requests_total{{code="OK",method="{method}"}} 1.0' in text
+    assert f'nodeplug_ready{{component="DRA driver {DRIVER}"}} 1.0' in text
