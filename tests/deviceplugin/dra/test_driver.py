@@ -305,3 +305,18 @@ async def test_metrics_count_claims_slices_and_dra_calls(
     method = "/k8s.io.kubelet.pkg.apis.dra.v1.DRAPlugin/NodePrepareResources"
     assert f'nodeplug_grpc_requests_total{{code="OK",method="{method}"}} 1.0' in text
     assert f'nodeplug_ready{{component="DRA driver {DRIVER}"}} 1.0' in text
+
+
+async def test_a_kubelet_that_refuses_the_driver_keeps_the_daemon_unready(
+    short_tmp: Path, api: ApiServer, node_name: str
+) -> None:
+    """A 1.31 kubelet speaks only v1alpha4: it refuses the driver, and readiness says so."""
+    async with (
+        FakeDraKubelet(short_tmp / "kubelet", services=["v1alpha4.Node"]) as kubelet,
+        running(dra_config(short_tmp, api, DRA), [ScriptedBackend([device("fpga0")])]) as daemon,
+    ):
+        await kubelet.wait_for(lambda _: bool(kubelet.refused))
+        ((socket, error),) = kubelet.refused
+        assert socket == f"{DRIVER}-reg.sock"
+        assert "none of the plugin's services" in error
+        assert daemon.readiness()[f"DRA driver {DRIVER}"] is False
