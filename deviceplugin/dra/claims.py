@@ -23,6 +23,7 @@ from deviceplugin import cdi
 from deviceplugin.backend import Allocator, Backend, ContainerEdits, Device
 from deviceplugin.dra.checkpoint import Checkpoint, ClaimRecord, PreparedDevice
 from deviceplugin.dra.names import claim_problem, uid_problem
+from deviceplugin.errors import DevicePluginError, bounded_hook
 from deviceplugin.files import write_atomically
 from deviceplugin.names import env_name
 from deviceplugin.state import DeviceState
@@ -237,14 +238,9 @@ class ClaimPreparer:
 
     async def _hook(self, call: Awaitable[T]) -> T:
         try:
-            async with asyncio.timeout(self.settings.hook_timeout):
-                return await call
-        except TimeoutError as error:
-            raise ClaimError(
-                f"backend allocate did not finish within {self.settings.hook_timeout:g}s"
-            ) from error
-        except Exception as error:
-            raise ClaimError(f"backend allocate failed: {error}") from error
+            return await bounded_hook("allocate", call, self.settings.hook_timeout)
+        except DevicePluginError as error:
+            raise ClaimError(str(error)) from error
 
     def _answer(
         self,

@@ -32,6 +32,17 @@ def load_example() -> ModuleType:
     return module
 
 
+def make_cards(root: Path) -> tuple[Path, Path]:
+    """Two ACME cards as the driver shows them: device nodes and status directories."""
+    dev, status = root / "dev", root / "status"
+    dev.mkdir()
+    for index in range(2):
+        os.mknod(dev / f"acme-fpga{index}", 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+        (status / f"acme-fpga{index}").mkdir(parents=True)
+        (status / f"acme-fpga{index}" / "health").write_text("ok\n")
+    return dev, status
+
+
 def test_entry_point_names_the_factory() -> None:
     project = tomllib.loads((EXAMPLE / "pyproject.toml").read_text())
     target = project["project"]["entry-points"]["nodeplug.device_backends"]["acme-fpga"]
@@ -47,12 +58,7 @@ def test_bad_config_is_a_value_error() -> None:
 
 @pytest.mark.root
 async def test_acme_cards_end_to_end(short_tmp: Path, kubelet: FakeKubelet) -> None:
-    dev, status = short_tmp / "dev", short_tmp / "status"
-    dev.mkdir()
-    for index in range(2):
-        os.mknod(dev / f"acme-fpga{index}", 0o600 | stat.S_IFCHR, os.makedev(1, 3))
-        (status / f"acme-fpga{index}").mkdir(parents=True)
-        (status / f"acme-fpga{index}" / "health").write_text("ok\n")
+    dev, status = make_cards(short_tmp)
     backend: Backend = load_example().create(
         {"devices": f"{dev}/acme-fpga*", "statusDir": str(status), "healthInterval": 0.05}
     )
@@ -82,12 +88,7 @@ async def test_acme_cards_served_as_a_dra_driver_too(
     short_tmp: Path, kubelet: FakeKubelet, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("NODE_NAME", "node-a")
-    dev, status = short_tmp / "dev", short_tmp / "status"
-    dev.mkdir()
-    for index in range(2):
-        os.mknod(dev / f"acme-fpga{index}", 0o600 | stat.S_IFCHR, os.makedev(1, 3))
-        (status / f"acme-fpga{index}").mkdir(parents=True)
-        (status / f"acme-fpga{index}" / "health").write_text("ok\n")
+    dev, status = make_cards(short_tmp)
     backend: Backend = load_example().create(
         {"devices": f"{dev}/acme-fpga*", "statusDir": str(status), "model": "acme-x2"}
     )

@@ -320,3 +320,32 @@ async def test_a_kubelet_that_refuses_the_driver_keeps_the_daemon_unready(
         assert socket == f"{DRIVER}-reg.sock"
         assert "none of the plugin's services" in error
         assert daemon.readiness()[f"DRA driver {DRIVER}"] is False
+
+
+@pytest.mark.parametrize(
+    ("delay", "failure", "error"),
+    [
+        (0.0, RuntimeError("card busy"), "backend allocate failed: card busy"),
+        (5.0, None, "backend allocate did not finish within 0.2s"),
+    ],
+)
+async def test_a_failing_allocate_hook_fails_its_claim_and_records_nothing(
+    short_tmp: Path,
+    api: ApiServer,
+    dra_kubelet: FakeDraKubelet,
+    node_name: str,
+    delay: float,
+    failure: Exception | None,
+    error: str,
+) -> None:
+    backend = AllocatingBackend([device("fpga0")], delay=delay)
+    backend.fail_with = failure
+    claim = api.add_claim("ns", "c", claim_results("fpga0"))
+    uid = claim["metadata"]["uid"]
+    config = dra_config(short_tmp, api, {**DRA, "hookTimeout": 0.2})
+    async with running(config, [backend]):
+        await dra_kubelet.wait_for_driver(DRIVER)
+        response = await dra_kubelet.prepare(DRIVER, [("ns", uid, "c")])
+        assert error in response.claims[uid].error
+        assert not (config.cdi.dir / f"nodeplug_dra-{DRIVER}_{uid}.json").exists()
+        assert not (config.state_dir / f"dra-{DRIVER}.json").exists()
