@@ -9,6 +9,7 @@ cdi:
 nodeFeatures:                      # NFD local feature file; null turns it off
   file: /etc/kubernetes/node-feature-discovery/features.d/nodeplug
 devicePluginRegistration: kubelet  # or pluginWatcher (plugins_registry, type DevicePlugin)
+kubeconfig: null                   # DRA's API credentials; null: in-cluster, then $KUBECONFIG
 devicePlugins:
   - resourceName: example.com/widget
     backend: glob
@@ -17,6 +18,8 @@ devicePlugins:
     allocationPolicy: spread       # or pack: how replicas are handed out
     hookTimeout: 10                # seconds a backend's allocate/pre_start may take
     cdi: false                     # true: containers get devices as CDI names
+    api: devicePlugin              # or dra, or both: which kubelet API serves the resource
+    draDriverName: widget.example.com  # default <name>.<domain> of resourceName
 csi: {...}                         # see csi/config.py
 """
 
@@ -43,6 +46,7 @@ from pydantic import (
 from csi.config import CsiConfig
 from deviceplugin.allocation import Policy
 from deviceplugin.backend import Backend, BackendNotFoundError, load_backend_factory
+from deviceplugin.dra import names as dra_names
 from deviceplugin.names import MAX_SOCKET_PATH, resource_name_problem
 
 DEVICE_PLUGIN_SUBDIR = "device-plugins"
@@ -80,6 +84,13 @@ def _resource_name(name: str) -> str:
     return name
 
 
+def _driver_name(name: str) -> str:
+    problem = dra_names.driver_name_problem(name)
+    if problem is not None:
+        raise ValueError(f"{name!r} is not a valid DRA driver name: it {problem}")
+    return name
+
+
 AbsolutePath = Annotated[Path, AfterValidator(_absolute)]
 
 
@@ -101,6 +112,14 @@ class Registration(StrEnum):
 
     KUBELET = "kubelet"  # Registration.Register on kubelet.sock
     PLUGIN_WATCHER = "pluginWatcher"  # a socket in plugins_registry, type DevicePlugin
+
+
+class Api(StrEnum):
+    """Which kubelet API serves a resource's devices."""
+
+    DEVICE_PLUGIN = "devicePlugin"
+    DRA = "dra"
+    BOTH = "both"
 
 
 class HttpSpec(_Section):
@@ -125,6 +144,34 @@ class DevicePluginSpec(_Section):
     allocation_policy: Policy = Field(default=Policy.SPREAD, alias="allocationPolicy")
     hook_timeout: float = Field(default=10.0, strict=True, gt=0, le=300, alias="hookTimeout")
     cdi: StrictBool = False
+    api: Api = Api.DEVICE_PLUGIN
+    dra_driver_name: Annotated[StrictStr, AfterValidator(_driver_name)] | None = Field(
+        default=None, alias="draDriverName"
+    )
+
+    @property
+    def serves_device_plugin(self) -> bool:
+        return self.api is not Api.DRA
+
+    @property
+    def serves_dra(self) -> bool:
+        return self.api is not Api.DEVICE_PLUGIN
+
+    @property
+    def driver_name(self) -> str:
+        return self.dra_driver_name or dra_names.default_driver_name(self.resource_name)
+
+    @model_validator(mode="after")
+    def _check_dra(self) -> DevicePluginSpec:
+        if self.dra_driver_name is not None and not self.serves_dra:
+            raise ValueError("draDriverName: only used with api: dra or both")
+        problem = dra_names.driver_name_problem(self.driver_name)
+        if self.serves_dra and problem is not None:
+            raise ValueError(
+                f"draDriverName: the default {self.driver_name!r} (from resourceName) is not "
+                f"a valid DRA driver name: it {problem}; set draDriverName"
+            )
+        return self
 
 
 class Config(_Section):
@@ -138,6 +185,7 @@ class Config(_Section):
     )
     device_plugins: list[DevicePluginSpec] = Field(default_factory=list, alias="devicePlugins")
     csi: CsiConfig | None = None
+    kubeconfig: AbsolutePath | None = None
 
     @property
     def device_plugin_dir(self) -> Path:
@@ -167,6 +215,31 @@ class Config(_Section):
                 f"kubeletDir: {str(self.kubelet_dir)!r} is too long; socket paths below it "
                 f"would exceed the {MAX_SOCKET_PATH}-byte Unix socket limit"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _check_dra_drivers(self) -> Config:
+        seen: dict[str, int] = {}
+        for index, spec in enumerate(self.device_plugins):
+            if not spec.serves_dra:
+                continue
+            name = spec.driver_name
+            if name in seen:
+                raise ValueError(
+                    f"devicePlugins[{index}].draDriverName: {name!r} is already the DRA "
+                    f"driver of devicePlugins[{seen[name]}]"
+                )
+            seen[name] = index
+            sockets = (
+                f"{dra_names.PLUGINS_SUBDIR}/{name}/{dra_names.SOCKET_NAME}",
+                f"{PLUGIN_REGISTRY_SUBDIR}/{name}-reg.sock",
+            )
+            for socket in sockets:
+                if len(f"{self.kubelet_dir}/{socket}") > MAX_SOCKET_PATH:
+                    raise ValueError(
+                        f"devicePlugins[{index}].draDriverName: {socket!r} below kubeletDir "
+                        f"would exceed the {MAX_SOCKET_PATH}-byte Unix socket limit"
+                    )
         return self
 
     @model_validator(mode="after")

@@ -16,7 +16,7 @@ import logging
 from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 from grpc_health.v1 import health_pb2
@@ -36,10 +36,16 @@ from daemon.pluginwatcher import (
 from daemon.sockets import UnixSockets
 from deviceplugin.backend import Backend
 from deviceplugin.cdi import CdiSpecWriter, remove_stale_specs
+from deviceplugin.dra.claims import DraSettings
+from deviceplugin.dra.names import default_node_name
 from deviceplugin.names import socket_file_name
 from deviceplugin.plugin import PluginWatcherMode, ResourcePlugin, SocketServing
 from deviceplugin.servicer import ServiceSettings
 from deviceplugin.socketdir import SocketDirWatcher
+from deviceplugin.state import DeviceState
+
+if TYPE_CHECKING:
+    from daemon.draplugin import DraPlugin
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +84,7 @@ class Daemon:
         self.metrics = metrics or Metrics()
         self.sockets = sockets or UnixSockets([self.metrics.interceptor()])
         self.plugins: dict[str, ResourcePlugin] = {}
+        self.dra: dict[str, DraPlugin] = {}
         self.csi: CsiPlugin | None = None
         self.watcher: SocketDirWatcher | None = None
         self.node_features: NodeFeatureFile | None = None
@@ -98,6 +105,9 @@ class Daemon:
     def readiness(self) -> dict[str, bool]:
         """Each component and whether the kubelet has it registered."""
         ready = {f"device plugin {n}": p.registered.is_set() for n, p in self.plugins.items()}
+        ready.update(
+            {f"DRA driver {p.driver.settings.driver_name}": p.ready for p in self.dra.values()}
+        )
         if self.csi is not None:
             ready[_CSI] = self.csi.ready
         return ready
@@ -110,6 +120,7 @@ class Daemon:
         # A plugin waiting for its backend's first device list has no socket yet: that is
         # readiness's business (not registered), not a liveness failure.
         sockets = [p.socket_path for p in self.plugins.values() if p.serving]
+        sockets += [p.driver.socket_path for p in self.dra.values() if p.driver.serving.is_set()]
         if self.csi is not None and self.csi.driver.ready:
             sockets += [self.csi.socket_path, self.csi.registration.socket_path]
         return sockets
@@ -152,6 +163,7 @@ class Daemon:
             self._tasks = None
             self._units.clear()
             self.plugins.clear()
+            self.dra.clear()
 
     async def apply(self, config: Config, backends: Sequence[Backend]) -> list[str]:
         """Switch to a new config, restarting only what changed; return what was restarted."""
@@ -162,11 +174,15 @@ class Daemon:
         new_specs = {spec.resource_name: spec for spec in config.device_plugins}
         base_changed = _base(old) != _base(config)
         stopped = []
-        for name in list(self.plugins):
+        for name in sorted(set(self.plugins) | set(self.dra)):
             key = _plugin_key(name)
-            if base_changed or self._units[key].spec != new_specs.get(name):
+            new = new_specs.get(name)
+            if base_changed or self._units[key].spec != _unit_spec(config, new):
+                dra = self.dra.pop(name, None)
+                if dra is not None and (new is None or not new.serves_dra):
+                    await dra.uninstall()  # no longer a DRA driver: withdraw its slices
                 await self._stop(key)
-                del self.plugins[name]
+                self.plugins.pop(name, None)
                 stopped.append(key)
         if _WATCHER in self._units and (base_changed or not new_specs):
             await self._stop(_WATCHER)
@@ -187,7 +203,7 @@ class Daemon:
             self.node_features = None
         self.config = config
         started = await self._start_units(
-            config, {n: b for n, b in new_backends.items() if n not in self.plugins}
+            config, {n: b for n, b in new_backends.items() if _plugin_key(n) not in self._units}
         )
         log.info("config reloaded", extra={"stopped": stopped, "started": started})
         return sorted(set(stopped) | set(started))
@@ -214,11 +230,19 @@ class Daemon:
             self.watcher = SocketDirWatcher(config.device_plugin_socket_dir)
             self._start(_WATCHER, None, self.watcher.run())
         for spec in config.device_plugins:
-            if spec.resource_name in self.plugins:
+            if _plugin_key(spec.resource_name) in self._units:
                 continue
-            plugin = self._device_plugin(config, spec, backends[spec.resource_name], writers)
-            self.plugins[spec.resource_name] = plugin
-            started.append(self._start(_plugin_key(spec.resource_name), spec, plugin.run()))
+            backend = backends[spec.resource_name]
+            plugin = dra = None
+            if spec.serves_device_plugin:
+                plugin = self._device_plugin(config, spec, backend, writers)
+                self.plugins[spec.resource_name] = plugin
+            if spec.serves_dra:
+                dra = self._dra_plugin(config, spec, backend, plugin)
+                self.dra[spec.resource_name] = dra
+            work = _serve_resource(plugin, dra)
+            key = _plugin_key(spec.resource_name)
+            started.append(self._start(key, _unit_spec(config, spec), work))
         if config.csi is not None and _CSI not in self._units:
             self.csi = CsiPlugin(config.csi, config.kubelet_dir, config.state_dir, self.sockets)
             started.append(self._start(_CSI, config.csi, self.csi.run()))
@@ -267,6 +291,36 @@ class Daemon:
             registration.on_verdict = plugin.verdict
         return plugin
 
+    def _dra_plugin(
+        self,
+        config: Config,
+        spec: DevicePluginSpec,
+        backend: Backend,
+        plugin: ResourcePlugin | None,
+    ) -> DraPlugin:
+        # Imports the Kubernetes client: only daemons serving DRA pay for it.
+        from daemon.draplugin import DraPlugin  # noqa: PLC0415
+
+        settings = DraSettings(
+            spec.resource_name,
+            spec.driver_name,
+            default_node_name(),
+            spec.resource_name,
+            spec.hook_timeout,
+        )
+        return DraPlugin(
+            settings,
+            backend,
+            # api: both: the device plugin's state, so one backend watch feeds both APIs.
+            plugin.state if plugin is not None else DeviceState(),
+            self.sockets,
+            kubelet_dir=config.kubelet_dir,
+            state_dir=config.state_dir,
+            cdi_dir=config.cdi.dir,
+            kubeconfig=config.kubeconfig,
+            feeds_state=plugin is None,
+        )
+
     def _start(self, key: str, spec: object, work: Coroutine[Any, Any, None]) -> str:
         assert self._tasks is not None, "units start only while the daemon runs"
         self._units[key] = _Unit(spec, self._tasks.create_task(work, name=key))
@@ -292,6 +346,22 @@ class Daemon:
 def _base(config: Config) -> tuple[object, ...]:
     """Settings every plugin depends on: a change restarts them all."""
     return (config.kubelet_dir, config.state_dir, config.device_plugin_registration, config.cdi)
+
+
+def _unit_spec(config: Config, spec: DevicePluginSpec | None) -> object:
+    """What a resource's unit depends on: its entry, and the API credentials if it uses DRA."""
+    if spec is None or not spec.serves_dra:
+        return spec
+    return (spec, config.kubeconfig)
+
+
+async def _serve_resource(plugin: ResourcePlugin | None, dra: DraPlugin | None) -> None:
+    """One resource's unit: its device plugin, its DRA driver, or both on one backend."""
+    async with asyncio.TaskGroup() as tasks:
+        if plugin is not None:
+            tasks.create_task(plugin.run())
+        if dra is not None:
+            tasks.create_task(dra.run())
 
 
 def _plugin_key(resource_name: str) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -14,13 +13,7 @@ import grpc
 from deviceplugin import cdi
 from deviceplugin.allocation import Policy, check_ids, preferred_allocation
 from deviceplugin.backend import Allocator, Backend, ContainerEdits, Device, PreStarter
-from deviceplugin.errors import (
-    BackendFailureError,
-    BackendTimeoutError,
-    InvalidRequestError,
-    grpc_errors,
-    quoted,
-)
+from deviceplugin.errors import InvalidRequestError, bounded_hook, grpc_errors, quoted
 from deviceplugin.names import env_name
 from deviceplugin.state import DeviceState, Unit
 from deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
@@ -142,15 +135,7 @@ class DevicePluginServicer(api_pb2_grpc.DevicePluginServicer):
         return units
 
     async def _hook(self, name: str, call: Awaitable[T]) -> T:
-        try:
-            async with asyncio.timeout(self.settings.hook_timeout):
-                return await call
-        except TimeoutError as error:
-            raise BackendTimeoutError(
-                f"backend {name} did not finish within {self.settings.hook_timeout:g}s"
-            ) from error
-        except Exception as error:
-            raise BackendFailureError(f"backend {name} failed: {error}") from error
+        return await bounded_hook(name, call, self.settings.hook_timeout)
 
 
 def _physical(units: Sequence[Unit]) -> list[Device]:

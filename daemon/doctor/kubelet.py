@@ -151,20 +151,35 @@ def _healthz(address: tuple[str, int]) -> str | None:
         return f"{url}: {getattr(error, 'reason', error)}"
 
 
-# Feature -> (minimum kubelet version, why), for what the config uses.
-CDI_FIELD = ((1, 28), "cdi: true answers with CDI names (DevicePluginCDIDevices, default on 1.29)")
-PLUGIN_WATCHER_DEVICES = ((1, 19), "devicePluginRegistration: pluginWatcher (type DevicePlugin)")
-CSI_PLUGIN_WATCHER = ((1, 13), "the CSI driver registers through the plugin watcher")
+@dataclass(frozen=True, slots=True)
+class Feature:
+    """What the config uses that the kubelet must support, and from which version."""
+
+    why: str
+    # The first version that has it; from then until `default`, only with `gate` on.
+    minimum: Version
+    gate: str | None = None
+    default: Version | None = None
 
 
-def needed_features(config: Config) -> list[tuple[Version, str]]:
-    # DRA drivers (type DRAPlugin) join here with the DRA config: the kubelet serves
-    # dra v1beta1 from 1.32 and v1 from 1.34.
+CDI_FIELD = Feature("cdi: true (CDI names in Allocate)", (1, 28), "DevicePluginCDIDevices", (1, 29))
+# Checked in the kubelet of release-1.19 (the DevicePlugin plugin-watcher handler).
+PLUGIN_WATCHER_DEVICES = Feature("devicePluginRegistration: pluginWatcher", (1, 19))
+CSI_PLUGIN_WATCHER = Feature("the CSI driver (plugin-watcher registration)", (1, 13))
+# dra v1beta1 from 1.32 (beta, gate off by default), on by default with v1 from 1.34.
+DRA_DRIVERS = Feature(
+    "api: dra or both (DRA drivers)", (1, 32), "DynamicResourceAllocation", (1, 34)
+)
+
+
+def needed_features(config: Config) -> list[Feature]:
     needs = []
     if any(spec.cdi for spec in config.device_plugins):
         needs.append(CDI_FIELD)
     if config.device_plugin_registration is Registration.PLUGIN_WATCHER:
         needs.append(PLUGIN_WATCHER_DEVICES)
+    if any(spec.serves_dra for spec in config.device_plugins):
+        needs.append(DRA_DRIVERS)
     if config.csi is not None:
         needs.append(CSI_PLUGIN_WATCHER)
     return needs
@@ -229,30 +244,35 @@ def _check_directories(section: Section, config: Config) -> None:
         )
 
 
+def _dotted(version: Version) -> str:
+    return f"{version[0]}.{version[1]}"
+
+
 def _check_features(section: Section, config: Config, kubelet: Kubelet | None) -> None:
     needs = needed_features(config)
     if not needs:
         section.ok("features", "the config uses nothing that needs a recent kubelet")
         return
     version = kubelet.version if kubelet else None
-    for minimum, why in needs:
-        wanted = f"{minimum[0]}.{minimum[1]}"
-        if version is None:
-            section.warn("features", f"{why}: needs kubelet {wanted}+, version unknown")
-        elif version < minimum:
+    for feature in needs:
+        wanted = f"{feature.why}: needs kubelet {_dotted(feature.minimum)}+"
+        if kubelet is None or version is None:
+            section.warn("features", f"{wanted}, version unknown")
+        elif version < feature.minimum:
             section.fail(
                 "features",
-                f"{why}: needs kubelet {wanted}+, this is {version[0]}.{version[1]}",
+                f"{wanted}, this is {_dotted(version)}",
                 "upgrade the kubelet, or turn the feature off in the config",
             )
-        elif (minimum, why) == CDI_FIELD and version == (1, 28) and kubelet is not None:
-            if kubelet.feature_gate("DevicePluginCDIDevices") is not True:
+        elif feature.gate and feature.default and version < feature.default:
+            if kubelet.feature_gate(feature.gate) is not True:
                 section.fail(
                     "features",
-                    f"{why}: kubelet 1.28 needs the DevicePluginCDIDevices gate",
-                    "add --feature-gates=DevicePluginCDIDevices=true",
+                    f"{feature.why}: kubelet {_dotted(version)} needs the {feature.gate} gate",
+                    f"add --feature-gates={feature.gate}=true (on by default from "
+                    f"{_dotted(feature.default)})",
                 )
             else:
-                section.ok("features", f"{why}: gate on")
+                section.ok("features", f"{feature.why}: {feature.gate} gate on")
         else:
-            section.ok("features", f"{why}: kubelet {version[0]}.{version[1]} has it")
+            section.ok("features", f"{feature.why}: kubelet {_dotted(version)} has it")

@@ -21,6 +21,7 @@ from daemon.sandbox.console import Console
 from daemon.sandbox.core import Demo, Sandbox, run
 from daemon.sandbox.credentials import ImageCredentials
 from daemon.sandbox.devices import DevicePlugins
+from daemon.sandbox.dra import DraClaims
 from daemon.sandbox.host import HostResources
 from daemon.sandbox.volumes import CsiVolumes
 from daemon.terminal import Style
@@ -32,7 +33,7 @@ EXIT_INTERRUPTED = 130
 
 
 def demos() -> list[Demo]:
-    return [DevicePlugins(), CsiVolumes(), ImageCredentials()]
+    return [DevicePlugins(), DraClaims(), CsiVolumes(), ImageCredentials()]
 
 
 async def _main(sandbox: Sandbox, once: bool) -> int:

@@ -43,6 +43,15 @@ class Demo:
         """The daemon's config with this demo's part added; StepError: left out, and why."""
         return data
 
+    def applies(self, sandbox: Sandbox) -> bool:
+        """Whether the parsed config has anything for this demo (a user's may not)."""
+        return True
+
+    @contextlib.asynccontextmanager
+    async def environment(self, sandbox: Sandbox) -> AsyncIterator[None]:
+        """What must run before the daemon starts and stop after it (kubelet-side parts)."""
+        yield
+
     async def show(self, sandbox: Sandbox) -> None:
         """The demonstration, as console steps."""
 
@@ -105,7 +114,7 @@ class Sandbox:
         return left_out
 
     @contextlib.asynccontextmanager
-    async def running(self) -> AsyncIterator[None]:
+    async def running(self, demos: Sequence[Demo]) -> AsyncIterator[None]:
         """The simulated kubelet and the daemon; both stopped on exit whatever happened."""
         backends = configuration.create_backends(self.config, self.source)
         kubelet = FakeKubelet(self.config.device_plugin_dir)
@@ -113,7 +122,9 @@ class Sandbox:
         self.kubelet, self.plugin_watcher = kubelet, watcher
         self.daemon = Daemon(self.config, backends)
         stop = asyncio.Event()
-        async with kubelet:
+        async with contextlib.AsyncExitStack() as environments, kubelet:
+            for demo in demos:
+                await environments.enter_async_context(demo.environment(self))
             watching = asyncio.create_task(watcher.run())
             self._daemon_task = asyncio.create_task(self._run_daemon(self.daemon, stop))
             try:
@@ -171,7 +182,9 @@ class Sandbox:
 async def run(sandbox: Sandbox, demos: Sequence[Demo], data: dict[str, Any], once: bool) -> bool:
     """Every demo in turn, then (without once) their watches until cancelled; all worked?"""
     left_out = sandbox.plan(demos, data)
-    async with sandbox.running():
+    demos = [demo for demo in demos if demo in left_out or demo.applies(sandbox)]
+    shown = [demo for demo in demos if demo not in left_out]
+    async with sandbox.running(shown):
         for demo in demos:
             sandbox.console.section(demo.title)
             reason = left_out.get(demo)
@@ -185,7 +198,7 @@ async def run(sandbox: Sandbox, demos: Sequence[Demo], data: dict[str, Any], onc
             await sandbox.guarded(demo)
         good = sandbox.console.summary()
         if not once:
-            good = await _keep_watching(sandbox, [d for d in demos if d not in left_out]) and good
+            good = await _keep_watching(sandbox, shown) and good
     return good
 
 

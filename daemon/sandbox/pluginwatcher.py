@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import re
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -25,7 +25,7 @@ import grpc
 
 from csi.v1 import csi_pb2, csi_pb2_grpc
 from daemon.pluginregistration.v1 import api_pb2, api_pb2_grpc
-from daemon.pluginwatcher import CSI_PLUGIN, DEVICE_PLUGIN, DEVICE_PLUGIN_VERSIONS
+from daemon.pluginwatcher import CSI_PLUGIN, DEVICE_PLUGIN, DEVICE_PLUGIN_VERSIONS, DRA_PLUGIN
 from deviceplugin.names import resource_name_problem
 from deviceplugin.socketdir import SocketDirWatcher
 from deviceplugin.testkit import FakeKubelet
@@ -118,9 +118,16 @@ class Registered:
 
 
 class SimulatedPluginWatcher:
-    def __init__(self, directory: Path, handlers: Mapping[str, Handler]) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        handlers: Mapping[str, Handler],
+        ignored: Collection[str] = (),
+    ) -> None:
         self.directory = directory
         self.handlers = dict(handlers)
+        # Plugin types another simulator registers: neither accepted nor refused here.
+        self.ignored = frozenset(ignored)
         self.plugins: dict[str, Registered] = {}
         # Plugin name (socket name when GetInfo failed) -> why its last registration failed.
         self.refused: dict[str, str] = {}
@@ -132,7 +139,9 @@ class SimulatedPluginWatcher:
             CSI_PLUGIN: CsiHandler(),
             DEVICE_PLUGIN: DevicePluginHandler(kubelet),
         }
-        return cls(kubelet_dir / "plugins_registry", handlers)
+        # DRA drivers are the DRA kubelet simulator's (deviceplugin.dra.testkit), which
+        # watches the same directory: this watcher leaves them alone.
+        return cls(kubelet_dir / "plugins_registry", handlers, ignored={DRA_PLUGIN})
 
     async def run(self) -> None:
         watcher = SocketDirWatcher(self.directory)
@@ -165,6 +174,8 @@ class SimulatedPluginWatcher:
                 stub = api_pb2_grpc.RegistrationStub(channel)
                 info = await stub.GetInfo(api_pb2.InfoRequest(), timeout=GET_INFO_TIMEOUT)
                 name = info.name
+                if info.type in self.ignored:
+                    return
                 handler = self.handlers.get(info.type, _NoHandler())
                 try:
                     summary = await handler.register(info, Path(info.endpoint or socket))

@@ -297,6 +297,32 @@ def kubelet_1_28_with_the_gate(node: Node) -> None:
     node.kubelet_argv(**node.default_flags(), **{"feature-gates": "DevicePluginCDIDevices=true"})
 
 
+def serve_through_dra(node: Node, kubelet: str) -> None:
+    config = yaml.safe_load(node.config.read_text())
+    config["devicePlugins"][0]["api"] = "both"
+    write(node.config, yaml.safe_dump(config))
+    node.kubelet_version(kubelet)
+
+
+def dra_on_a_1_31_kubelet(node: Node) -> None:
+    serve_through_dra(node, "v1.31.4")
+
+
+def dra_on_1_33_without_the_gate(node: Node) -> None:
+    serve_through_dra(node, "v1.33.1")
+
+
+def dra_on_1_33_with_the_gate_in_its_config(node: Node) -> None:
+    serve_through_dra(node, "v1.33.1")
+    kubelet_config = yaml.safe_load((node.etc / "kubelet-config.yaml").read_text())
+    kubelet_config["featureGates"] = {"DynamicResourceAllocation": True}
+    write(node.etc / "kubelet-config.yaml", yaml.safe_dump(kubelet_config))
+
+
+def dra_on_1_34(node: Node) -> None:
+    serve_through_dra(node, "v1.34.0")
+
+
 def other_root_dir(node: Node) -> None:
     node.kubelet_argv(**{**node.default_flags(), "root-dir": "/srv/kubelet"})
 
@@ -358,6 +384,10 @@ def bad_nodeplug_config(node: Node) -> None:
         (kubelet_too_old_for_cdi, {("kubelet", "features")}, "needs kubelet 1.28+, this is 1.27"),
         (kubelet_1_28_without_the_gate, {("kubelet", "features")}, "DevicePluginCDIDevices"),
         (kubelet_1_28_with_the_gate, set(), ""),
+        (dra_on_a_1_31_kubelet, {("kubelet", "features")}, "needs kubelet 1.32+, this is 1.31"),
+        (dra_on_1_33_without_the_gate, {("kubelet", "features")}, "DynamicResourceAllocation"),
+        (dra_on_1_33_with_the_gate_in_its_config, set(), ""),
+        (dra_on_1_34, set(), ""),
         (other_root_dir, {("kubelet", "root dir")}, "--root-dir is /srv/kubelet"),
         (no_kubelet, {("kubelet", "process")}, "no kubelet process"),
         (healthz_down, {("kubelet", "healthz")}, "Connection refused"),

@@ -93,6 +93,10 @@ async def test_once_shows_the_three_contracts_and_leaves_nothing() -> None:
     for expected in (
         "pod admitted",
         "NODEPLUG_EXAMPLE_COM_WIDGET=widget",
+        # The same backend as a DRA driver: slices published, a claim prepared.
+        "widget.example.com  (pool",
+        "prepared through DRA",
+        "cdi   example.com/widget=",
         "driver registered",
         "quota refuses",
         "EDQUOT",
@@ -307,7 +311,7 @@ async def served(short_tmp: Path) -> AsyncIterator[SimulatedPluginWatcher]:
 @pytest.mark.parametrize(
     ("plugin_type", "versions", "refusal"),
     [
-        ("DRAPlugin", ["v1beta1"], "no handler registered for plugin type: DRAPlugin"),
+        ("FancyPlugin", ["v1"], "no handler registered for plugin type: FancyPlugin"),
         ("CSIPlugin", ["0.3.0"], "none of the versions ['0.3.0'] is 1.x"),
         ("DevicePlugin", ["v1alpha"], "no supported version in ['v1alpha']"),
     ],
@@ -326,6 +330,22 @@ async def test_the_plugin_watcher_refuses_as_the_kubelet_does(
         assert str(refused.value) == refusal
         verdict = plugin.servicer.verdict
         assert verdict is not None and not verdict.registered and verdict.error == refusal
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_dra_drivers_are_left_to_the_dra_kubelet_simulator(short_tmp: Path) -> None:
+    kubelet = FakeKubelet(short_tmp / "device-plugins")
+    watcher = SimulatedPluginWatcher.for_kubelet(short_tmp, kubelet)
+    info = PluginInfo("DRAPlugin", "widget.example.com", "", ("v1.DRAPlugin",))
+    plugin = PluginWatcherRegistration(info, short_tmp, UnixSockets())
+    tasks = [asyncio.create_task(watcher.run()), asyncio.create_task(plugin.run())]
+    try:
+        with pytest.raises(TimeoutError):
+            await watcher.wait_for("widget.example.com", 1)
+        assert plugin.servicer.verdict is None, "no verdict: that is the DRA simulator's"
     finally:
         for task in tasks:
             task.cancel()
