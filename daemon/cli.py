@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from daemon import config as configuration
-from daemon import inspection, logs, sandbox
+from daemon import doctor, inspection, logs, sandbox
 from daemon.reload import ConfigReloader
 from daemon.supervisor import Daemon
 from deviceplugin.backend import Backend
@@ -40,13 +40,16 @@ def _parser() -> argparse.ArgumentParser:
     add_logging(run, "info")
 
     sandbox = commands.add_parser(
-        "sandbox", help="run against a simulated kubelet in a temporary directory"
+        "sandbox",
+        help="show the three contracts live against a simulated kubelet, in a temporary directory",
     )
     sandbox.add_argument(
         "--config", type=Path, help="your config (kubeletDir and stateDir are replaced)"
     )
     sandbox.add_argument(
-        "--once", action="store_true", help="exit after the demonstration instead of watching"
+        "--once",
+        action="store_true",
+        help="exit after the demonstration (0 only if every step worked) instead of watching",
     )
     add_logging(sandbox, "warning")
     sandbox.set_defaults(log_format="text")
@@ -64,6 +67,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     add_logging(devices, "warning")
     devices.set_defaults(log_format="text")
+
+    check_node = commands.add_parser(
+        "doctor", help="check whether nodeplug can work on this node (changes nothing)"
+    )
+    check_node.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="YAML config file")
+    check_node.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    add_logging(check_node, "error")
+    check_node.set_defaults(log_format="text")
     return parser
 
 
@@ -131,6 +142,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return check_config(options.config)
     if options.command == "devices":
         return show_devices(options.config, options.output, options.timeout)
+    if options.command == "doctor":
+        return doctor.main(options.config, options.output)
     return sandbox.main(options.config, once=options.once)
 
 

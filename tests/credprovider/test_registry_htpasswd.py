@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from daemon.sandbox.registry import htpasswd, oci_layout, pull, push, registry
 from tests.credprovider.conftest import request, run_provider, write_private
-from tests.credprovider.registry import htpasswd, needs_tools, oci_layout, pull, push, registry
+from tests.credprovider.registry import needs_tools
 from tests.credprovider.test_docker_config import helper_env
 
 pytestmark = needs_tools

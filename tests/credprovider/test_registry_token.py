@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 
+from daemon.sandbox.registry import free_port, oci_layout, pull, push, registry
 from tests.credprovider.conftest import V1, request, run_provider, write_private
-from tests.credprovider.registry import free_port, needs_tools, oci_layout, pull, push, registry
+from tests.credprovider.registry import needs_tools
 from tests.credprovider.tokenauth import (
     ISSUER,
     SERVICE,

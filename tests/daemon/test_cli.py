@@ -110,27 +110,6 @@ async def test_missing_config_file_exits_2(short_tmp: Path) -> None:
     assert "cannot read the file" in stderr.decode()
 
 
-async def test_sandbox_demonstrates_an_allocation() -> None:
-    process = await asyncio.create_subprocess_exec(
-        *NODEPLUG,
-        "sandbox",
-        "--once",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=60)
-    assert process.returncode == 0, stderr.decode()
-    text = stdout.decode()
-    assert "registered resources" in text
-    assert "a pod asks for 1 example.com/widget" in text
-    assert "NODEPLUG_EXAMPLE_COM_WIDGET=" in text
-    # The same backend, as a DRA driver: slices published, a claim prepared.
-    assert "widget.example.com  (pool" in text
-    assert "prepared through DRA" in text
-    assert "cdi   example.com/widget=" in text
-    assert "sandbox stopped" in text
-
-
 class CrashingBackend(ScriptedBackend):
     async def watch(self) -> AsyncIterator[list[Device]]:
         yield []

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import stat
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -21,34 +20,10 @@ from daemon.pluginwatcher import (
     PluginWatcherRegistration,
     Verdict,
 )
+from daemon.sandbox.pluginwatcher import kubelet_accepts_csi_versions
 from daemon.sockets import UnixSockets
 
 NAME = "local.csi.nodeplug.io"
-
-# k8s.io/apimachinery/pkg/util/version: ParseGeneric's pattern. It needs two or more
-# dotted numbers (the first without a leading zero), an optional "v" before them and
-# ignores whatever follows them.
-_GENERIC_VERSION = re.compile(r"^\s*v?([0-9]+(?:\.[0-9]+)*)(.*)$")
-
-
-def kubelet_accepts_csi_versions(versions: Sequence[str]) -> bool:
-    """The kubelet's verdict on GetInfo's supported_versions for a CSIPlugin.
-
-    After pkg/volume/csi/csi_plugin.go, highestSupportedVersion: unparsable versions
-    and majors above 1 are skipped, and the highest one left must be 1.x (0.x drivers
-    are refused since Kubernetes 1.17).
-    """
-    majors = []
-    for text in versions:
-        match = _GENERIC_VERSION.match(text)
-        if match is None:
-            continue
-        parts = match.group(1).split(".")
-        if len(parts) < 2 or (parts[0] != "0" and parts[0].startswith("0")):
-            continue
-        if int(parts[0]) <= 1:
-            majors.append(int(parts[0]))
-    return bool(majors) and max(majors) == 1
 
 
 class FakePluginWatcher:
