@@ -21,6 +21,8 @@ from tests.deviceplugin.backends import ScriptedBackend
 from tests.deviceplugin.conftest import make_config
 
 NODEPLUG = [sys.executable, "-m", "daemon.cli"]
+# Every log call is made at debug level: one that cannot be logged kills the daemon there.
+RUN = [*NODEPLUG, "run", "--log-level", "debug"]
 RESOURCES = ["example.com/one", "example.com/two"]
 
 
@@ -36,15 +38,16 @@ def write_config(root: Path, **extra: object) -> Path:
 
 @contextlib.asynccontextmanager
 async def daemon_process(config: Path) -> AsyncIterator[asyncio.subprocess.Process]:
-    process = await asyncio.create_subprocess_exec(
-        *NODEPLUG, "run", "--config", str(config), stderr=asyncio.subprocess.PIPE
-    )
-    try:
-        yield process
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+    """`nodeplug run` at debug level; its log goes to daemon.log beside the config
+    (a pipe nobody reads would fill up and stall it)."""
+    with (config.parent / "daemon.log").open("wb") as log:
+        process = await asyncio.create_subprocess_exec(*RUN, "--config", str(config), stderr=log)
+        try:
+            yield process
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
 
 
 def sockets_in(directory: Path) -> list[str]:
@@ -94,7 +97,7 @@ async def test_bad_config_exits_2_naming_the_field(
 ) -> None:
     config = write_config(short_tmp, **extra)
     process = await asyncio.create_subprocess_exec(
-        *NODEPLUG, "run", "--config", str(config), stderr=asyncio.subprocess.PIPE
+        *RUN, "--config", str(config), stderr=asyncio.subprocess.PIPE
     )
     _, stderr = await asyncio.wait_for(process.communicate(), timeout=20)
     assert process.returncode == 2

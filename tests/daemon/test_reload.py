@@ -117,6 +117,8 @@ async def test_sighup_reloads_the_running_process(short_tmp: Path, kubelet: Fake
         "-m",
         "daemon.cli",
         "run",
+        "--log-level",
+        "debug",
         "--config",
         str(path),
         stderr=asyncio.subprocess.PIPE,
