@@ -23,6 +23,7 @@ csi: {...}                         # see csi/config.py
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -37,6 +38,8 @@ from pydantic import (
     StrictInt,
     StrictStr,
     ValidationError,
+    ValidationInfo,
+    field_validator,
     model_validator,
 )
 
@@ -49,6 +52,11 @@ DEVICE_PLUGIN_SUBDIR = "device-plugins"
 PLUGIN_REGISTRY_SUBDIR = "plugins_registry"
 # The longest socket name nodeplug puts in the device-plugins directory (hashed names).
 _LONGEST_SOCKET_NAME = len("nodeplug-0123456789abcdef.sock")
+# Far beyond any real config, far below what a recursive YAML composer or validator
+# can take (PyYAML's composer overflows Python's stack at a few hundred levels).
+MAX_NESTING = 64
+# Nodes once YAML aliases are expanded: aliases of aliases grow exponentially.
+MAX_NODES = 100_000
 
 
 class ConfigError(Exception):
@@ -138,6 +146,14 @@ class Config(_Section):
     )
     device_plugins: list[DevicePluginSpec] = Field(default_factory=list, alias="devicePlugins")
     csi: CsiConfig | None = None
+
+    @field_validator("http", "node_features", mode="before")
+    @classmethod
+    def _null_turns_off(cls, value: object, info: ValidationInfo) -> object:
+        """`http: null` and `nodeFeatures: null` mean what their null address/file mean."""
+        if value is None:
+            return {"address": None} if info.field_name == "http" else {"file": None}
+        return value
 
     @property
     def device_plugin_dir(self) -> Path:
@@ -251,12 +267,74 @@ def parse(data: object, source: str = "<config>") -> Config:
         raise ConfigError(source, _problems(error)) from None
 
 
+@dataclass
+class _Node:
+    """A YAML node as its events arrive: what it contains once aliases are expanded."""
+
+    anchor: str | None
+    levels: int  # collections on its deepest path, itself included (a scalar: 0)
+    values: int = 1  # values in it, itself included
+
+
+def _shape_problem(text: str) -> str | None:
+    """Why the document is too deep or too large to load, judged from its event stream.
+
+    PyYAML's parser is iterative but its composer recurses once per level, so a deep
+    document must be refused before it is composed. An alias counts as a copy of its
+    anchor's node, since that is what the loaded data holds.
+    """
+    open_nodes: list[_Node] = []
+    anchors: dict[str, _Node] = {}  # of nodes already read completely
+    values = 0
+
+    def add(node: _Node) -> str | None:
+        """Count a complete node (a scalar, an alias, a closed collection) in its parent."""
+        if open_nodes:
+            parent = open_nodes[-1]
+            parent.levels = max(parent.levels, node.levels + 1)
+            parent.values += node.values
+        if node.anchor is not None:
+            anchors[node.anchor] = node
+        if len(open_nodes) + node.levels > MAX_NESTING:
+            return f"nested more than {MAX_NESTING} levels deep"
+        if values > MAX_NODES:
+            return f"more than {MAX_NODES} values once its aliases are expanded"
+        return None
+
+    for event in yaml.parse(text, Loader=_StrictLoader):
+        problem = None
+        if isinstance(event, yaml.CollectionStartEvent):
+            values += 1
+            open_nodes.append(_Node(event.anchor, levels=1))
+            if len(open_nodes) > MAX_NESTING:
+                problem = f"nested more than {MAX_NESTING} levels deep"
+        elif isinstance(event, yaml.CollectionEndEvent):
+            problem = add(open_nodes.pop())
+        elif isinstance(event, yaml.ScalarEvent):
+            values += 1
+            problem = add(_Node(event.anchor, levels=0))
+        elif isinstance(event, yaml.AliasEvent):
+            target = anchors.get(event.anchor or "")
+            if any(node.anchor == event.anchor for node in open_nodes):
+                problem = f"alias *{event.anchor} refers to a node that contains it"
+            elif target is not None:
+                values += target.values
+                problem = add(_Node(None, target.levels, target.values))
+        if problem is not None:
+            mark = event.start_mark
+            return f"{problem} (line {mark.line + 1})" if mark is not None else problem
+    return None
+
+
 def load(path: Path) -> Config:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(str(path), [f"cannot read the file: {error}"]) from None
     try:
+        problem = _shape_problem(text)
+        if problem is not None:
+            raise ConfigError(str(path), [f"(top level): {problem}"])
         data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as error:
         raise ConfigError(str(path), [f"not valid YAML: {error}"]) from None

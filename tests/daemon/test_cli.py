@@ -172,6 +172,17 @@ async def test_check_config_shows_the_plan(short_tmp: Path) -> None:
     assert "devicePlugins[0].resourceName" in stderr
 
 
+async def test_check_config_refuses_a_deep_document_with_a_message(short_tmp: Path) -> None:
+    deep = short_tmp / "deep.yaml"
+    deep.write_text("devicePlugins: " + "[" * 5000 + "]" * 5000 + "\n")
+    code, stdout, stderr = await run_cli("check-config", str(deep))
+    assert (code, stdout) == (2, "")
+    assert (
+        stderr
+        == f"invalid config {deep}:\n  (top level): nested more than 64 levels deep (line 1)\n"
+    )
+
+
 async def test_devices_lists_what_backends_discover(short_tmp: Path) -> None:
     config = write_config(short_tmp)
     code, stdout, _ = await run_cli("devices", "--config", str(config), "-o", "json")

@@ -133,6 +133,66 @@ def test_load_from_file(tmp_path: Path, text: str, expected: str | None) -> None
     assert expected in str(caught.value)
 
 
+def nested(levels: int, inner: str = "1") -> str:
+    return "[" * levels + inner + "]" * levels
+
+
+def doubling(times: int) -> str:
+    """Each anchor holds two copies of the previous one: 2**times values in a few lines."""
+    lines = ["x0: &x0 [1, 2]"]
+    lines += [f"x{i}: &x{i} [*x{i - 1}, *x{i - 1}]" for i in range(1, times + 1)]
+    return "devicePlugins: []\nunused:\n" + "\n".join(f"  {line}" for line in lines) + "\n"
+
+
+PLUGIN_CONFIG = "devicePlugins:\n- resourceName: a.io/b\n  backend: simulated\n  config: "
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (PLUGIN_CONFIG + nested(5000) + "\n", "nested more than 64 levels deep (line 4)"),
+        (PLUGIN_CONFIG + "{a: " * 5000 + "1" + "}" * 5000 + "\n", "nested more than 64"),
+        # The document's own mapping, the list, the plugin and its config: 4 levels.
+        (PLUGIN_CONFIG + "{x: " + nested(60) + "}\n", None),
+        (PLUGIN_CONFIG + "{x: " + nested(61) + "}\n", "nested more than 64"),
+        (
+            "a: &deep " + nested(40) + "\nb: " + nested(30, "*deep") + "\n",
+            "nested more than 64 levels deep (line 2)",
+        ),
+        ("a: &loop [1, *loop]\n", "alias *loop refers to a node that contains it"),
+        (doubling(40), "more than 100000 values once its aliases are expanded"),
+        ("a: *nowhere\n", "not valid YAML"),
+    ],
+)
+def test_deep_or_huge_documents_are_refused(
+    tmp_path: Path, text: str, expected: str | None
+) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    if expected is None:
+        configuration.load(path)
+        return
+    with pytest.raises(configuration.ConfigError) as caught:
+        configuration.load(path)
+    assert expected in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("data", "http", "features"),
+    [
+        ({"nodeFeatures": None}, "0.0.0.0:9120", None),
+        ({"nodeFeatures": {"file": None}}, "0.0.0.0:9120", None),
+        ({"http": None}, None, Path("/etc/kubernetes/node-feature-discovery/features.d/nodeplug")),
+        ({"http": {"address": None}, "nodeFeatures": None}, None, None),
+    ],
+)
+def test_null_turns_http_and_node_features_off(
+    data: dict[str, Any], http: str | None, features: Path | None
+) -> None:
+    config = configuration.parse(data)
+    assert (config.http.address, config.node_features.file) == (http, features)
+
+
 def test_unreadable_file(tmp_path: Path) -> None:
     with pytest.raises(configuration.ConfigError, match="cannot read the file"):
         configuration.load(tmp_path / "missing.yaml")
