@@ -67,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(path: Path) -> tuple[configuration.Config, list[Backend]] | None:
+def _load(path: Path) -> tuple[configuration.Config, dict[str, Backend]] | None:
     """The config and its backends, or None after printing why the config is refused."""
     try:
         config = configuration.load(path)

@@ -22,7 +22,7 @@ csi: {...}                         # see csi/config.py
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -341,23 +341,41 @@ def load(path: Path) -> Config:
     return parse(data, str(path))
 
 
-def create_backends(config: Config, source: str = "<config>") -> list[Backend]:
-    """Instantiate each device plugin's backend; a backend's config errors name their field."""
-    backends = []
+def create_backends(
+    config: Config, source: str = "<config>", only: Collection[str] | None = None
+) -> dict[str, Backend]:
+    """Instantiate device plugins' backends, by resource name; errors name their field.
+
+    `only` limits it to those resources (a reload builds only what it starts). Whatever
+    goes wrong, a backend that fails to import included, is a ConfigError: the config
+    asks for something this node cannot run, and check-config must say so.
+    """
+    backends = {}
     problems = []
     for index, spec in enumerate(config.device_plugins):
+        if only is not None and spec.resource_name not in only:
+            continue
         where = f"devicePlugins[{index}]"
         try:
             factory = load_backend_factory(spec.backend)
         except BackendNotFoundError as error:
             problems.append(f"{where}.backend: {error}")
             continue
+        except Exception as error:  # a vendor package's import can raise anything
+            problems.append(f"{where}.backend: cannot load {spec.backend!r}: {_described(error)}")
+            continue
         try:
-            backends.append(factory(spec.config))
+            backends[spec.resource_name] = factory(spec.config)
         except ValidationError as error:
             problems += [f"{where}.config.{p}" for p in _problems(error)]
         except (ValueError, TypeError) as error:
             problems.append(f"{where}.config: {error}")
+        except Exception as error:  # and so can its factory
+            problems.append(f"{where}.config: backend {spec.backend!r} failed: {_described(error)}")
     if problems:
         raise ConfigError(source, problems)
     return backends
+
+
+def _described(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"

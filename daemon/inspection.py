@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from daemon.config import Config
@@ -67,10 +67,10 @@ async def first_snapshot(backend: Backend, timeout: float) -> list[Device]:
 
 
 async def discover(
-    config: Config, backends: Sequence[Backend], timeout: float
+    config: Config, backends: Mapping[str, Backend], timeout: float
 ) -> dict[str, list[Device]]:
-    snapshots = await asyncio.gather(*(first_snapshot(b, timeout) for b in backends))
     names = [spec.resource_name for spec in config.device_plugins]
+    snapshots = await asyncio.gather(*(first_snapshot(backends[n], timeout) for n in names))
     return dict(zip(names, snapshots, strict=True))
 
 

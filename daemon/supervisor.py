@@ -58,6 +58,10 @@ class Reloader(Protocol):
     async def run(self, daemon: Daemon) -> None: ...
 
 
+# Backends by resource name, or one per configured device plugin in the config's order.
+Backends = Mapping[str, Backend] | Sequence[Backend]
+
+
 @dataclass
 class _Unit:
     spec: object  # the config it was built from: equal config on reload, unit kept
@@ -70,7 +74,7 @@ class Daemon:
     def __init__(
         self,
         config: Config,
-        backends: Sequence[Backend],
+        backends: Backends,
         sockets: SocketServing | None = None,
         metrics: Metrics | None = None,
     ) -> None:
@@ -82,7 +86,7 @@ class Daemon:
         self.watcher: SocketDirWatcher | None = None
         self.node_features: NodeFeatureFile | None = None
         self.status_server: StatusServer | None = None
-        self._initial_backends = list(backends)
+        self._initial_backends = _by_resource(config, backends)
         self._units: dict[str, _Unit] = {}
         self._tasks: asyncio.TaskGroup | None = None
         self._restarts_seen_before = 0
@@ -134,14 +138,7 @@ class Daemon:
         try:
             async with asyncio.TaskGroup() as tasks:
                 self._tasks = tasks
-                backends = dict(
-                    zip(
-                        (s.resource_name for s in self.config.device_plugins),
-                        self._initial_backends,
-                        strict=True,
-                    )
-                )
-                self._initial_backends = []
+                backends, self._initial_backends = self._initial_backends, {}
                 await self._start_units(self.config, backends)
                 if reloader is not None:
                     tasks.create_task(reloader.run(self), name="config reloader")
@@ -153,18 +150,38 @@ class Daemon:
             self._units.clear()
             self.plugins.clear()
 
-    async def apply(self, config: Config, backends: Sequence[Backend]) -> list[str]:
-        """Switch to a new config, restarting only what changed; return what was restarted."""
+    def plugins_to_start(self, config: Config) -> list[str]:
+        """The resources whose plugin apply(config) starts: new or changed ones.
+
+        Only these need a backend: the others keep theirs, socket and stream included.
+        """
+        base_changed = _base(self.config) != _base(config)
+        return [
+            spec.resource_name
+            for spec in config.device_plugins
+            if base_changed
+            or spec.resource_name not in self.plugins
+            or self._units[_plugin_key(spec.resource_name)].spec != spec
+        ]
+
+    async def apply(self, config: Config, backends: Backends) -> list[str]:
+        """Switch to a new config, restarting only what changed; return what was restarted.
+
+        `backends` must hold one for each of plugins_to_start(config); others are unused.
+        """
         old = self.config
-        new_backends = dict(
-            zip((s.resource_name for s in config.device_plugins), backends, strict=True)
-        )
+        starting = self.plugins_to_start(config)
+        by_name = _by_resource(config, backends)
+        missing = [name for name in starting if name not in by_name]
+        if missing:
+            raise ValueError(f"no backend given for {', '.join(missing)}")
+        new_backends = {name: by_name[name] for name in starting}
         new_specs = {spec.resource_name: spec for spec in config.device_plugins}
         base_changed = _base(old) != _base(config)
         stopped = []
         for name in list(self.plugins):
             key = _plugin_key(name)
-            if base_changed or self._units[key].spec != new_specs.get(name):
+            if name in new_backends or name not in new_specs:
                 await self._stop(key)
                 del self.plugins[name]
                 stopped.append(key)
@@ -186,9 +203,7 @@ class Daemon:
         if _NFD not in self._units:
             self.node_features = None
         self.config = config
-        started = await self._start_units(
-            config, {n: b for n, b in new_backends.items() if n not in self.plugins}
-        )
+        started = await self._start_units(config, new_backends)
         log.info("config reloaded", extra={"stopped": stopped, "started": started})
         return sorted(set(stopped) | set(started))
 
@@ -287,6 +302,13 @@ class Daemon:
     def _features_changed(self) -> None:
         if self.node_features is not None:
             self.node_features.changed()
+
+
+def _by_resource(config: Config, backends: Backends) -> dict[str, Backend]:
+    if isinstance(backends, Mapping):
+        return dict(backends)
+    names = (spec.resource_name for spec in config.device_plugins)
+    return dict(zip(names, backends, strict=True))
 
 
 def _base(config: Config) -> tuple[object, ...]:

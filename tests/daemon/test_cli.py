@@ -172,6 +172,21 @@ async def test_check_config_shows_the_plan(short_tmp: Path) -> None:
     assert "devicePlugins[0].resourceName" in stderr
 
 
+async def test_check_config_names_a_backend_that_cannot_load(
+    short_tmp: Path, vendor_site: Path
+) -> None:
+    config = write_config(
+        short_tmp, devicePlugins=[{"resourceName": "a.io/b", "backend": "broken-import"}]
+    )
+    code, stdout, stderr = await run_cli("check-config", str(config))
+    assert (code, stdout) == (2, "")
+    assert stderr.splitlines() == [
+        f"invalid config {config}:",
+        "  devicePlugins[0].backend: cannot load 'broken-import': "
+        "ModuleNotFoundError: No module named 'nodeplug_no_such_sdk'",
+    ]
+
+
 async def test_check_config_refuses_a_deep_document_with_a_message(short_tmp: Path) -> None:
     deep = short_tmp / "deep.yaml"
     deep.write_text("devicePlugins: " + "[" * 5000 + "]" * 5000 + "\n")
