@@ -44,6 +44,7 @@ from pydantic import (
 )
 
 from csi.config import CsiConfig
+from daemon.sockets import bound_path_length
 from deviceplugin.allocation import Policy
 from deviceplugin.backend import Backend, BackendNotFoundError, load_backend_factory
 from deviceplugin.names import MAX_SOCKET_PATH, resource_name_problem
@@ -191,7 +192,7 @@ class Config(_Section):
             return self
         name = self.csi.driver_name
         for socket in (f"plugins/{name}/csi.sock", f"plugins_registry/{name}-reg.sock"):
-            if len(f"{self.kubelet_dir}/{socket}") > MAX_SOCKET_PATH:
+            if bound_path_length(self.kubelet_dir / socket) > MAX_SOCKET_PATH:
                 raise ValueError(
                     f"csi.driverName: {socket!r} below kubeletDir would exceed the "
                     f"{MAX_SOCKET_PATH}-byte Unix socket limit"

@@ -2,8 +2,12 @@
 
 - A stale path is removed only if it is a socket: anything else there is an error,
   never something to delete.
-- The socket is bound under a tight umask and chmod-ed, so no other user ever
-  finds it connectable, not even for an instant.
+- No other user ever finds the socket connectable, not even for an instant, and the
+  process umask is never touched: worker threads create files and directories at any
+  moment (state, CDI specs, the NFD file), and the umask is shared by every thread.
+  So the socket is bound inside a fresh private directory (0700) beside its path,
+  chmod-ed, then hard-linked into place, which fails rather than replace anything.
+  The directory's name starts with a dot: the kubelet's plugin watcher ignores those.
 - Whoever stops the server removes its socket.
 """
 
@@ -12,7 +16,8 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
-from collections.abc import Callable, Iterator, Sequence
+import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import grpc
@@ -45,13 +50,13 @@ def is_socket(path: Path) -> bool:
         return False
 
 
-@contextlib.contextmanager
-def _umask(mask: int) -> Iterator[None]:
-    old = os.umask(mask)
-    try:
-        yield
-    finally:
-        os.umask(old)
+# The staging path's length beyond its directory: "/" + mkdtemp's ".XXXXXXXX" + "/s".
+_STAGING_SUFFIX = len("/.XXXXXXXX/s")
+
+
+def bound_path_length(path: Path) -> int:
+    """The longest path serve() binds for a socket at `path` (both must fit sun_path)."""
+    return max(len(str(path)), len(str(path.parent)) + _STAGING_SUFFIX)
 
 
 class UnixSockets:
@@ -75,9 +80,18 @@ class UnixSockets:
         server = grpc.aio.server(interceptors=self._interceptors)
         add_services(server)
         health_pb2_grpc.add_HealthServicer_to_server(health_aio.HealthServicer(), server)
-        with _umask(0o777 & ~self.mode):
-            server.add_insecure_port(f"unix:{path}")
-        path.chmod(self.mode)
+        # grpc unlinks the path it bound when the server stops: a fresh name each time
+        # keeps that from ever hitting a socket staged later.
+        staging = Path(tempfile.mkdtemp(prefix=".", dir=path.parent))
+        staged = staging / "s"
+        try:
+            server.add_insecure_port(f"unix:{staged}")
+            staged.chmod(self.mode)
+            os.link(staged, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                staged.unlink()
+            staging.rmdir()
         await server.start()
         return server
 
