@@ -92,7 +92,13 @@ class UnixSockets:
             with contextlib.suppress(FileNotFoundError):
                 staged.unlink()
             staging.rmdir()
-        await server.start()
+        try:
+            await server.start()
+        except BaseException:
+            # Cancelled or failed before the caller holds the server: nobody else
+            # knows this socket exists (grpc would only unlink the staging name).
+            remove_socket(path)
+            raise
         return server
 
     async def stop(self, server: grpc.aio.Server, path: Path, grace: float | None) -> None:
