@@ -43,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
         "sandbox", help="run against a simulated kubelet in a temporary directory"
     )
     sandbox.add_argument(
-        "--config", type=Path, help="your config (kubeletDir and stateDir are replaced)"
+        "--config", type=Path, help="your config (its host paths are replaced)"
     )
     sandbox.add_argument(
         "--once", action="store_true", help="exit after the demonstration instead of watching"

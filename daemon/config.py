@@ -1,6 +1,7 @@
 """The daemon's YAML config: parsed, validated, and every error names its field.
 
-kubeletDir: /var/lib/kubelet      # all kubelet socket paths live below it
+kubeletDir: /var/lib/kubelet       # the kubelet's --root-dir: plugins_registry/, plugins/
+devicePluginDir: /var/lib/kubelet/device-plugins  # kubelet.sock: fixed, whatever the root dir
 stateDir: /var/lib/nodeplug
 http:
   address: "0.0.0.0:9120"          # /metrics, /healthz, /readyz; null turns it off
@@ -48,8 +49,8 @@ from daemon.sockets import bound_path_length
 from deviceplugin.allocation import Policy
 from deviceplugin.backend import Backend, BackendNotFoundError, load_backend_factory
 from deviceplugin.names import MAX_SOCKET_PATH, resource_name_problem
+from deviceplugin.socketdir import DEVICE_PLUGIN_PATH
 
-DEVICE_PLUGIN_SUBDIR = "device-plugins"
 PLUGIN_REGISTRY_SUBDIR = "plugins_registry"
 # The longest socket name nodeplug puts in the device-plugins directory (hashed names).
 _LONGEST_SOCKET_NAME = len("nodeplug-0123456789abcdef.sock")
@@ -138,6 +139,7 @@ class DevicePluginSpec(_Section):
 
 class Config(_Section):
     kubelet_dir: AbsolutePath = Field(default=Path("/var/lib/kubelet"), alias="kubeletDir")
+    device_plugin_dir: AbsolutePath = Field(default=DEVICE_PLUGIN_PATH, alias="devicePluginDir")
     state_dir: AbsolutePath = Field(default=Path("/var/lib/nodeplug"), alias="stateDir")
     http: HttpSpec = Field(default_factory=HttpSpec)
     cdi: CdiSpec = Field(default_factory=CdiSpec)
@@ -157,11 +159,6 @@ class Config(_Section):
         return value
 
     @property
-    def device_plugin_dir(self) -> Path:
-        """Where the kubelet's device manager serves kubelet.sock."""
-        return self.kubelet_dir / DEVICE_PLUGIN_SUBDIR
-
-    @property
     def device_plugin_socket_dir(self) -> Path:
         """Where nodeplug's device-plugin sockets live, by registration mode."""
         if self.device_plugin_registration is Registration.PLUGIN_WATCHER:
@@ -178,11 +175,17 @@ class Config(_Section):
                     f"used by devicePlugins[{seen[spec.resource_name]}]"
                 )
             seen[spec.resource_name] = index
-        longest = len(str(self.device_plugin_socket_dir)) + 1 + _LONGEST_SOCKET_NAME
-        if longest > MAX_SOCKET_PATH:
+        directory = self.device_plugin_socket_dir
+        longest = bound_path_length(directory / ("x" * _LONGEST_SOCKET_NAME))
+        if self.device_plugins and longest > MAX_SOCKET_PATH:
+            field = (
+                "kubeletDir"
+                if self.device_plugin_registration is Registration.PLUGIN_WATCHER
+                else "devicePluginDir"
+            )
             raise ValueError(
-                f"kubeletDir: {str(self.kubelet_dir)!r} is too long; socket paths below it "
-                f"would exceed the {MAX_SOCKET_PATH}-byte Unix socket limit"
+                f"{field}: {str(directory)!r} is too long for device-plugin sockets; their "
+                f"paths would exceed the {MAX_SOCKET_PATH}-byte Unix socket limit"
             )
         return self
 
@@ -209,6 +212,9 @@ def confined_to(data: Mapping[str, Any], root: Path) -> dict[str, Any]:
     return {
         **data,
         "kubeletDir": str(root / "kubelet"),
+        # Beside kubeletDir, not in it: as on a node with a non-default --root-dir, so
+        # nothing may find it by way of kubeletDir.
+        "devicePluginDir": str(root / "device-plugins"),
         "stateDir": str(root / "state"),
         "cdi": {"dir": str(root / "cdi")},
         "nodeFeatures": {"file": str(root / "features.d" / "nodeplug")},

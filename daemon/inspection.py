@@ -18,6 +18,7 @@ def describe(config: Config) -> list[str]:
     """The plan for a valid config, in the words an admin checks it against."""
     lines = [
         f"kubelet directory   {config.kubelet_dir}",
+        f"device-plugin dir   {config.device_plugin_dir} (the kubelet's kubelet.sock)",
         f"state directory     {config.state_dir}",
         f"HTTP endpoints      {config.http.address or 'off'} (/metrics /healthz /readyz)",
         f"NFD feature file    {config.node_features.file or 'off'}",

@@ -101,7 +101,10 @@ class Daemon:
 
     def readiness(self) -> dict[str, bool]:
         """Each component and whether the kubelet has it registered."""
-        ready = {f"device plugin {n}": p.registered.is_set() for n, p in self.plugins.items()}
+        ready = {}
+        if self.watcher is not None and self.watcher.expect_kubelet and self.plugins:
+            ready[f"kubelet ({self.watcher.kubelet_socket})"] = self.watcher.kubelet_present()
+        ready |= {f"device plugin {n}": p.registered.is_set() for n, p in self.plugins.items()}
         if self.csi is not None:
             ready[_CSI] = self.csi.ready
         return ready
@@ -226,7 +229,10 @@ class Daemon:
         if config.device_plugins and _WATCHER not in self._units:
             if self.watcher is not None:
                 self._restarts_seen_before += self.watcher.kubelet_starts
-            self.watcher = SocketDirWatcher(config.device_plugin_socket_dir)
+            self.watcher = SocketDirWatcher(
+                config.device_plugin_socket_dir,
+                expect_kubelet=config.device_plugin_registration is Registration.KUBELET,
+            )
             self._start(_WATCHER, None, self.watcher.run())
         for spec in config.device_plugins:
             if spec.resource_name in self.plugins:
@@ -313,7 +319,13 @@ def _by_resource(config: Config, backends: Backends) -> dict[str, Backend]:
 
 def _base(config: Config) -> tuple[object, ...]:
     """Settings every plugin depends on: a change restarts them all."""
-    return (config.kubelet_dir, config.state_dir, config.device_plugin_registration, config.cdi)
+    return (
+        config.kubelet_dir,
+        config.device_plugin_dir,
+        config.state_dir,
+        config.device_plugin_registration,
+        config.cdi,
+    )
 
 
 def _plugin_key(resource_name: str) -> str:

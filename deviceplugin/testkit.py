@@ -6,6 +6,12 @@ back, asks GetDevicePluginOptions, then follows ListAndWatch; it can call Alloca
 GetPreferredAllocation and PreStartContainer as pod admission would; and restart() is a
 kubelet restart (every socket in the directory removed, kubelet.sock created anew).
 Used by the tests and by `nodeplug sandbox`; vendors can drive their backends with it.
+
+Facts of the real kubelet it keeps:
+- its device-plugin directory is DEVICE_PLUGIN_PATH (/var/lib/kubelet/device-plugins)
+  whatever its --root-dir, which only moves plugins_registry/ and plugins/: give the
+  simulator a directory that is not below the root dir you give the daemon, as the
+  tests do, and a daemon that derives one from the other cannot pass.
 """
 
 from __future__ import annotations

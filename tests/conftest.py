@@ -76,6 +76,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture
 async def kubelet(short_tmp: Path) -> AsyncIterator[FakeKubelet]:
-    """A simulated kubelet serving <short_tmp>/kubelet/device-plugins/kubelet.sock."""
-    async with FakeKubelet(short_tmp / "kubelet" / "device-plugins") as fake:
+    """A simulated kubelet serving <short_tmp>/device-plugins/kubelet.sock.
+
+    Beside <short_tmp>/kubelet (the root dir), as confined_to() puts devicePluginDir:
+    the real kubelet's device-plugin directory does not follow its --root-dir.
+    """
+    async with FakeKubelet(short_tmp / "device-plugins") as fake:
         yield fake

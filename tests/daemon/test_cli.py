@@ -57,7 +57,7 @@ def sockets_in(directory: Path) -> list[str]:
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 async def test_signal_stops_cleanly_and_removes_sockets(short_tmp: Path, signum: int) -> None:
     config = write_config(short_tmp)
-    directory = short_tmp / "kubelet" / "device-plugins"
+    directory = short_tmp / "device-plugins"
     async with FakeKubelet(directory) as kubelet, daemon_process(config) as process:
         await kubelet.wait_for(lambda c: set(RESOURCES) <= c.keys(), timeout=20)
         assert len(sockets_in(directory)) == 3
@@ -68,7 +68,7 @@ async def test_signal_stops_cleanly_and_removes_sockets(short_tmp: Path, signum:
 
 async def test_starts_before_the_kubelet_and_registers_when_it_appears(short_tmp: Path) -> None:
     config = write_config(short_tmp)
-    directory = short_tmp / "kubelet" / "device-plugins"
+    directory = short_tmp / "device-plugins"
     async with daemon_process(config) as process:
         await asyncio.sleep(1.0)
         assert process.returncode is None
@@ -165,7 +165,7 @@ async def test_check_config_shows_the_plan(short_tmp: Path) -> None:
     assert f"{config}: valid" in stdout
     for name in RESOURCES:
         assert name in stdout
-    assert str(short_tmp / "kubelet" / "device-plugins" / "nodeplug-example.com_one.sock") in stdout
+    assert str(short_tmp / "device-plugins" / "nodeplug-example.com_one.sock") in stdout
     bad = write_config(short_tmp, devicePlugins=[{"resourceName": "x", "backend": "glob"}])
     code, stdout, stderr = await run_cli("check-config", str(bad))
     assert code == 2 and stdout == ""

@@ -24,6 +24,9 @@ def test_defaults() -> None:
     assert config.kubelet_dir == Path("/var/lib/kubelet")
     assert config.state_dir == Path("/var/lib/nodeplug")
     assert config.device_plugin_dir == Path("/var/lib/kubelet/device-plugins")
+    # The kubelet's device-plugin directory does not follow its root dir.
+    moved = configuration.parse({"kubeletDir": "/var/lib/k0s/kubelet"})
+    assert moved.device_plugin_dir == Path("/var/lib/kubelet/device-plugins")
     assert config.device_plugins == []
     assert configuration.parse(None) == config
 
@@ -45,7 +48,19 @@ def test_full_device_plugin_entry() -> None:
     [
         ([], "(top level): must be a mapping"),
         ({"kubeletDir": "relative/dir"}, "kubeletDir: must be an absolute path"),
-        ({"kubeletDir": "/" + "k" * 120}, "kubeletDir: '/kkk"),
+        (
+            {"devicePluginDir": "/" + "d" * 90, "devicePlugins": [GOOD_PLUGIN]},
+            "devicePluginDir: '/ddd",
+        ),
+        (
+            {
+                "kubeletDir": "/" + "k" * 70,
+                "devicePluginRegistration": "pluginWatcher",
+                "devicePlugins": [GOOD_PLUGIN],
+            },
+            "kubeletDir: '/kkk",
+        ),
+        ({"devicePluginDir": "device-plugins"}, "devicePluginDir: must be an absolute path"),
         ({"stateDir": 7}, "stateDir:"),
         ({"devicePlugin": []}, "devicePlugin: unknown field"),
         ({"devicePlugins": {"resourceName": "a/b"}}, "devicePlugins: Input should be a valid list"),

@@ -87,7 +87,10 @@ async def test_readyz_follows_registration_and_healthz_does_round_trips(short_tm
     async with running(config, [ScriptedBackend([device("a")])]) as daemon:
         status, body = await get(daemon, "/readyz")
         assert status == 503
-        assert json.loads(body)["waiting_for"] == [f"device plugin {RESOURCE}"]
+        assert json.loads(body)["waiting_for"] == [
+            f"device plugin {RESOURCE}",
+            f"kubelet ({config.device_plugin_dir / 'kubelet.sock'})",
+        ]
         async with FakeKubelet(config.device_plugin_dir) as kubelet:
             await kubelet.wait_for_devices(RESOURCE, lambda d: len(d) == 1)
             status, body = await get(daemon, "/readyz")
@@ -101,6 +104,41 @@ async def test_readyz_follows_registration_and_healthz_does_round_trips(short_tm
             status, body = await get(daemon, "/healthz")
             assert status == 503
             assert list(json.loads(body)["problems"]) == [str(gone)]
+
+
+async def test_waiting_for_the_kubelet_is_said_once_and_where(
+    short_tmp: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = make_config(short_tmp, SPEC, {**SPEC, "resourceName": "acme.example/dsp"})
+    socket = config.device_plugin_dir / "kubelet.sock"
+
+    def waiting() -> list[str]:
+        return [
+            r.getMessage()
+            for r in caplog.records
+            if r.getMessage().startswith("waiting for the kubelet")
+            and getattr(r, "socket", None) == str(socket)
+            and r.levelno == logging.INFO
+        ]
+
+    async with running(config, [ScriptedBackend([device("a")]), ScriptedBackend()]) as daemon:
+        async with asyncio.timeout(5):
+            while daemon.watcher is None:  # noqa: ASYNC110 - made once the daemon task runs
+                await asyncio.sleep(0)
+            await daemon.watcher.ready.wait()
+        assert waiting() == ["waiting for the kubelet: no kubelet.sock yet"]
+        async with FakeKubelet(config.device_plugin_dir) as kubelet:
+            await kubelet.wait_for_devices(RESOURCE, lambda d: len(d) == 1)
+            assert len(waiting()) == 1
+            events = daemon.watcher.subscribe()
+            await kubelet.stop()  # the kubelet's listener removes kubelet.sock
+            while (await events.get()).name != "kubelet.sock":
+                pass
+            daemon.watcher.unsubscribe(events)
+        assert waiting() == [
+            "waiting for the kubelet: no kubelet.sock yet",
+            "waiting for the kubelet: kubelet.sock removed",
+        ]
 
 
 async def test_a_backend_still_discovering_is_unready_but_alive(short_tmp: Path) -> None:
