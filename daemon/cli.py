@@ -42,9 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     sandbox = commands.add_parser(
         "sandbox", help="run against a simulated kubelet in a temporary directory"
     )
-    sandbox.add_argument(
-        "--config", type=Path, help="your config (its host paths are replaced)"
-    )
+    sandbox.add_argument("--config", type=Path, help="your config (its host paths are replaced)")
     sandbox.add_argument(
         "--once", action="store_true", help="exit after the demonstration instead of watching"
     )

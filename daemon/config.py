@@ -16,7 +16,8 @@ devicePlugins:
     config: {paths: ["/dev/widget*"]}
     replicas: 1                    # >1 shares each device among that many containers
     allocationPolicy: spread       # or pack: how replicas are handed out
-    hookTimeout: 10                # seconds a backend's allocate/pre_start may take
+    hookTimeout: 10                # seconds a backend's allocate/pre_start may take (pre_start:
+                                   #   also ends before the kubelet's 30 s PreStart deadline)
     cdi: false                     # true: containers get devices as CDI names
 csi: {...}                         # see csi/config.py
 """

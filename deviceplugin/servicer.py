@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import grpc
 
@@ -29,12 +29,24 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 Context = grpc.aio.ServicerContext[object, object]
 
+# k8s.io/kubelet pkg/apis/deviceplugin/v1beta1/constants.go: the device manager calls
+# PreStartContainer with this deadline (endpoint.go, preStartContainer), and Allocate
+# and GetPreferredAllocation with none (context.Background()).
+KUBELET_PRE_START_TIMEOUT = 30.0
+# How long before a caller's deadline a hook is cut, so that our error (which names
+# the hook) reaches the caller before its own DEADLINE_EXCEEDED: a tenth of the time
+# left, at most a second.
+_DEADLINE_MARGIN = 0.1
+_DEADLINE_MARGIN_MAX = 1.0
+
 
 @dataclass(frozen=True, slots=True)
 class ServiceSettings:
     resource_name: str
     policy: Policy = Policy.SPREAD
-    # Bounds the vendor's allocate/pre_start hooks: the kubelet itself never times out.
+    # Bounds the vendor's allocate/pre_start hooks (hookTimeout). Allocate has no
+    # deadline on the kubelet's side, so a hung hook would hang pod admission; a
+    # pre_start hook is cut sooner if the caller's deadline (the kubelet's 30 s) is.
     hook_timeout: float = 10.0
     # Set when the resource's devices are described in a CDI spec file of this kind.
     cdi_kind: str | None = None
@@ -57,6 +69,16 @@ class DevicePluginServicer(api_pb2_grpc.DevicePluginServicer):
         self._allocator = backend if isinstance(backend, Allocator) else None
         self._pre_starter = backend if isinstance(backend, PreStarter) else None
         self._ids_env = env_name(settings.resource_name)
+        if self._pre_starter is not None and settings.hook_timeout > KUBELET_PRE_START_TIMEOUT:
+            log.warning(
+                "hookTimeout is longer than the kubelet's PreStartContainer timeout: "
+                "pre_start is cut before the kubelet's deadline instead",
+                extra={
+                    "resource": settings.resource_name,
+                    "hook_timeout_s": settings.hook_timeout,
+                    "kubelet_timeout_s": KUBELET_PRE_START_TIMEOUT,
+                },
+            )
 
     @property
     def options(self) -> api_pb2.DevicePluginOptions:
@@ -115,7 +137,7 @@ class DevicePluginServicer(api_pb2_grpc.DevicePluginServicer):
             devices = _physical(units)
             edits = ContainerEdits()
             if self._allocator is not None:
-                edits = await self._hook("allocate", self._allocator.allocate(devices))
+                edits = await self._hook("allocate", self._allocator.allocate(devices), context)
             container = response.container_responses.add()
             ids = [unit.id for unit in units]
             container.envs[self._ids_env] = ",".join(ids)
@@ -129,7 +151,8 @@ class DevicePluginServicer(api_pb2_grpc.DevicePluginServicer):
     ) -> api_pb2.PreStartContainerResponse:
         units = check_ids("devices_ids", request.devices_ids, self.state.units)
         if self._pre_starter is not None:
-            await self._hook("pre_start", self._pre_starter.pre_start(_physical(units)))
+            call = self._pre_starter.pre_start(_physical(units))
+            await self._hook("pre_start", call, context, KUBELET_PRE_START_TIMEOUT)
         return api_pb2.PreStartContainerResponse()
 
     def _usable_units(self, field: str, ids: Sequence[str]) -> list[Unit]:
@@ -141,13 +164,33 @@ class DevicePluginServicer(api_pb2_grpc.DevicePluginServicer):
                 raise InvalidRequestError(f"{field}: device {quoted(unit.id)} is unhealthy")
         return units
 
-    async def _hook(self, name: str, call: Awaitable[T]) -> T:
+    async def _hook(
+        self,
+        name: str,
+        call: Awaitable[T],
+        context: Context,
+        caller_timeout: float | None = None,
+    ) -> T:
+        """Run a vendor hook within hookTimeout and before the caller gives up.
+
+        caller_timeout: the deadline the kubelet sets for this call, used when the
+        request carries none (another client); a deadline it carries wins.
+        """
+        limit, reason = self.settings.hook_timeout, "hookTimeout"
+        # grpc returns None when the call carries no deadline; its stubs say float.
+        remaining = cast("float | None", context.time_remaining())
+        if remaining is None:
+            remaining = caller_timeout
+        if remaining is not None:
+            cut = remaining - min(_DEADLINE_MARGIN_MAX, remaining * _DEADLINE_MARGIN)
+            if cut < limit:
+                limit, reason = max(cut, 0.0), "before the caller's deadline"
         try:
-            async with asyncio.timeout(self.settings.hook_timeout):
+            async with asyncio.timeout(limit):
                 return await call
         except TimeoutError as error:
             raise BackendTimeoutError(
-                f"backend {name} did not finish within {self.settings.hook_timeout:g}s"
+                f"backend {name} did not finish within {limit:.3g}s ({reason})"
             ) from error
         except Exception as error:
             raise BackendFailureError(f"backend {name} failed: {error}") from error

@@ -11,7 +11,11 @@ Facts of the real kubelet it keeps:
 - its device-plugin directory is DEVICE_PLUGIN_PATH (/var/lib/kubelet/device-plugins)
   whatever its --root-dir, which only moves plugins_registry/ and plugins/: give the
   simulator a directory that is not below the root dir you give the daemon, as the
-  tests do, and a daemon that derives one from the other cannot pass.
+  tests do, and a daemon that derives one from the other cannot pass;
+- it calls PreStartContainer with a 30 s deadline (KubeletPreStartContainerRPCTimeout-
+  InSecs) and Allocate and GetPreferredAllocation with none: a plugin must answer
+  PreStartContainer in time and never hang the others (pre_start_timeout shortens the
+  deadline for tests).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from pathlib import Path
 import grpc
 
 from deviceplugin.names import resource_name_problem
+from deviceplugin.servicer import KUBELET_PRE_START_TIMEOUT
 from deviceplugin.socketdir import KUBELET_SOCKET
 from deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
 
@@ -53,8 +58,11 @@ class PluginClient:
 
 
 class FakeKubelet(api_pb2_grpc.RegistrationServicer):
-    def __init__(self, device_plugin_dir: Path) -> None:
+    def __init__(
+        self, device_plugin_dir: Path, *, pre_start_timeout: float = KUBELET_PRE_START_TIMEOUT
+    ) -> None:
         self.directory = device_plugin_dir
+        self.pre_start_timeout = pre_start_timeout
         self.socket = device_plugin_dir / KUBELET_SOCKET
         self.clients: dict[str, PluginClient] = {}
         self.register_requests: list[api_pb2.RegisterRequest] = []
@@ -195,7 +203,7 @@ class FakeKubelet(api_pb2_grpc.RegistrationServicer):
         request = api_pb2.AllocateRequest()
         for ids in containers:
             request.container_requests.add(devices_ids=ids)
-        return await self.client(resource).stub.Allocate(request, timeout=30)
+        return await self.client(resource).stub.Allocate(request)
 
     async def preferred_allocation(
         self, resource: str, available: Sequence[str], must_include: Sequence[str], size: int
@@ -204,12 +212,12 @@ class FakeKubelet(api_pb2_grpc.RegistrationServicer):
         request.container_requests.add(
             available_deviceIDs=available, must_include_deviceIDs=must_include, allocation_size=size
         )
-        response = await self.client(resource).stub.GetPreferredAllocation(request, timeout=30)
+        response = await self.client(resource).stub.GetPreferredAllocation(request)
         return list(response.container_responses[0].deviceIDs)
 
     async def pre_start(self, resource: str, ids: Sequence[str]) -> None:
         await self.client(resource).stub.PreStartContainer(
-            api_pb2.PreStartContainerRequest(devices_ids=ids), timeout=30
+            api_pb2.PreStartContainerRequest(devices_ids=ids), timeout=self.pre_start_timeout
         )
 
     async def admit(self, resource: str, count: int) -> api_pb2.ContainerAllocateResponse:

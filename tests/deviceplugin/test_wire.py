@@ -193,6 +193,40 @@ async def test_allocator_hook_failures_are_bounded_errors(
         assert message in (caught.value.details() or "")
 
 
+async def test_pre_start_is_cut_before_the_kubelets_deadline(
+    short_tmp: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The kubelet gives PreStartContainer 30 s whatever hookTimeout says (here 300 s):
+    the hook must be cut in time for the kubelet to hear why, not run on unheard."""
+    backend = AllocatingBackend([device("fpga0")], delay=60.0)
+    config = make_config(short_tmp, {**SPEC, "hookTimeout": 300})
+    async with (
+        FakeKubelet(config.device_plugin_dir, pre_start_timeout=0.5) as kubelet,
+        running(config, [backend]),
+    ):
+        await registered(kubelet, count=1)
+        started = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await kubelet.pre_start(RESOURCE, ["fpga0"])
+        assert time.monotonic() - started < 0.5
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "backend pre_start did not finish within 0.4" in (caught.value.details() or "")
+        assert "before the caller's deadline" in (caught.value.details() or "")
+        await asyncio.wait_for(backend.pre_start_cancelled.wait(), 5)
+    assert "longer than the kubelet's PreStartContainer timeout" in caplog.text
+
+
+async def test_the_kubelet_gives_pre_start_thirty_seconds(
+    short_tmp: Path, kubelet: FakeKubelet
+) -> None:
+    backend = AllocatingBackend([device("fpga0")], delay=0.3)
+    async with running(make_config(short_tmp, {**SPEC, "hookTimeout": 300}), [backend]):
+        await registered(kubelet, count=1)
+        assert kubelet.pre_start_timeout == 30.0
+        await kubelet.pre_start(RESOURCE, ["fpga0"])
+        assert backend.pre_started == [["fpga0"]]
+
+
 async def test_preferred_allocation_over_the_wire(short_tmp: Path, kubelet: FakeKubelet) -> None:
     backend = ScriptedBackend([device(f"d{i}", numa=i % 2) for i in range(6)])
     async with running(make_config(short_tmp, SPEC), [backend]):
