@@ -15,7 +15,11 @@ Facts of the real kubelet it keeps:
 - it calls PreStartContainer with a 30 s deadline (KubeletPreStartContainerRPCTimeout-
   InSecs) and Allocate and GetPreferredAllocation with none: a plugin must answer
   PreStartContainer in time and never hang the others (pre_start_timeout shortens the
-  deadline for tests).
+  deadline for tests);
+- admission (admit()) follows the device manager's devicesToAllocate: an error from
+  GetPreferredAllocation fails the pod, the answer's ids it does not offer are
+  dropped and a shortfall is filled from its own available set, and its view of the
+  devices may lag the plugin's (updates_held() makes it lag on purpose).
 """
 
 from __future__ import annotations
@@ -23,9 +27,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 
@@ -34,8 +39,13 @@ from deviceplugin.servicer import KUBELET_PRE_START_TIMEOUT
 from deviceplugin.socketdir import KUBELET_SOCKET
 from deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
 
+T = TypeVar("T")
 SUPPORTED_VERSIONS = ("v1beta1",)
 DIAL_TIMEOUT = 10.0
+
+
+class AdmissionError(Exception):
+    """The kubelet failed the pod (the real one reports UnexpectedAdmissionError)."""
 
 
 @dataclass
@@ -68,6 +78,8 @@ class FakeKubelet(api_pb2_grpc.RegistrationServicer):
         self.register_requests: list[api_pb2.RegisterRequest] = []
         self._server: grpc.aio.Server | None = None
         self._changed = asyncio.Condition()
+        self._updates_open = asyncio.Event()
+        self._updates_open.set()
 
     async def start(self, *, clean: bool = True) -> None:
         """Serve kubelet.sock; clean=True first removes every socket, as the kubelet does."""
@@ -150,6 +162,7 @@ class FakeKubelet(api_pb2_grpc.RegistrationServicer):
     async def _list_and_watch(self, client: PluginClient) -> None:
         try:
             async for response in client.stub.ListAndWatch(api_pb2.Empty()):
+                await self._updates_open.wait()
                 async with self._changed:
                     client.devices = {device.ID: device for device in response.devices}
                     client.updates += 1
@@ -187,6 +200,16 @@ class FakeKubelet(api_pb2_grpc.RegistrationServicer):
         )
         return self.clients[resource].devices
 
+    @contextlib.asynccontextmanager
+    async def updates_held(self) -> AsyncIterator[None]:
+        """A kubelet busy elsewhere: device lists it receives wait until the block ends,
+        so its view lags the plugin's (a device removed but still offered)."""
+        self._updates_open.clear()
+        try:
+            yield
+        finally:
+            self._updates_open.set()
+
     async def drop_stream(self, resource: str) -> None:
         """Break the ListAndWatch stream of a resource, as a lost connection would."""
         await self._disconnect(self.client(resource))
@@ -221,15 +244,45 @@ class FakeKubelet(api_pb2_grpc.RegistrationServicer):
         )
 
     async def admit(self, resource: str, count: int) -> api_pb2.ContainerAllocateResponse:
-        """What pod admission does for one container asking for `count` devices."""
-        client = self.client(resource)
-        available = [i for i in client.healthy_ids() if i not in client.allocated]
+        """Admit one container asking for `count` devices, then start it.
+
+        As pkg/kubelet/cm/devicemanager/manager.go does (devicesToAllocate, then
+        Allocate; PreStartContainer when the container starts). Raises AdmissionError
+        where the kubelet would fail the pod.
+        """
+        client = self.clients.get(resource)
+        if client is None:
+            raise AdmissionError(f"cannot allocate unregistered device {resource}")
+        healthy = client.healthy_ids()
+        if not healthy:
+            raise AdmissionError(
+                f"no healthy devices present; cannot allocate unhealthy devices {resource}"
+            )
+        available = [i for i in healthy if i not in client.allocated]
+        if len(available) < count:
+            raise AdmissionError(
+                f"requested number of devices unavailable for {resource}. "
+                f"Requested: {count}, Available: {len(available)}"
+            )
+        chosen: list[str] = []
         if client.options.get_preferred_allocation_available:
-            chosen = await self.preferred_allocation(resource, available, [], count)
-        else:
-            chosen = available[:count]
-        response = await self.allocate(resource, [chosen])
-        if client.options.pre_start_required:
-            await self.pre_start(resource, chosen)
+            preferred = await self._pod_step(
+                "GetPreferredAllocation", self.preferred_allocation(resource, available, [], count)
+            )
+            offered = set(available)
+            chosen = [i for i in dict.fromkeys(preferred) if i in offered][:count]
+        chosen += [i for i in available if i not in chosen][: count - len(chosen)]
+        response = await self._pod_step("Allocate", self.allocate(resource, [chosen]))
         client.allocated.update(chosen)
+        if client.options.pre_start_required:
+            await self._pod_step("PreStartContainer", self.pre_start(resource, chosen))
         return response.container_responses[0]
+
+    @staticmethod
+    async def _pod_step(name: str, call: Awaitable[T]) -> T:
+        try:
+            return await call
+        except grpc.aio.AioRpcError as error:
+            raise AdmissionError(
+                f"device plugin {name} rpc failed with err: {error.details()}"
+            ) from error

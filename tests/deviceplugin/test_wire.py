@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from deviceplugin.backend import Device
-from deviceplugin.testkit import FakeKubelet
+from deviceplugin.testkit import AdmissionError, FakeKubelet
 from deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
 from tests.deviceplugin.backends import AllocatingBackend, CheckedBackend, ScriptedBackend, device
 from tests.deviceplugin.conftest import make_config, running
@@ -238,6 +238,36 @@ async def test_preferred_allocation_over_the_wire(short_tmp: Path, kubelet: Fake
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await kubelet.preferred_allocation(RESOURCE, ["d0"], [], 2)
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize(
+    ("left", "count", "expected"),
+    [
+        # The kubelet still offers "a"; a pod that fits on what is left gets it.
+        (["b", "c"], 2, {"/dev/b", "/dev/c"}),
+        (["b", "c"], 1, {"/dev/b"}),
+        # A pod that does not fit any more fails, as it would have a moment later.
+        (["c"], 2, None),
+    ],
+)
+async def test_a_device_removed_just_before_admission_fails_no_pod_that_fits(
+    short_tmp: Path, kubelet: FakeKubelet, left: list[str], count: int, expected: set[str] | None
+) -> None:
+    backend = ScriptedBackend([device("a"), device("b"), device("c")])
+    async with running(make_config(short_tmp, SPEC), [backend]) as daemon:
+        await registered(kubelet, count=3)
+        state = daemon.plugins[RESOURCE].state
+        async with kubelet.updates_held():
+            version = state.version
+            backend.publish([device(i) for i in left])
+            await state.wait_newer(version)
+            assert sorted(kubelet.client(RESOURCE).devices) == ["a", "b", "c"]
+            if expected is None:
+                with pytest.raises(AdmissionError, match=r"Allocate rpc failed .*unknown device"):
+                    await kubelet.admit(RESOURCE, count)
+                return
+            container = await kubelet.admit(RESOURCE, count)
+        assert {d.host_path for d in container.devices} == expected
 
 
 async def test_replicas_share_a_device(short_tmp: Path, kubelet: FakeKubelet) -> None:
