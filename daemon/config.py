@@ -46,9 +46,9 @@ from pydantic import (
 )
 
 from csi.config import CsiConfig
-from daemon.sockets import bound_path_length
 from deviceplugin.allocation import Policy
 from deviceplugin.backend import Backend, BackendNotFoundError, load_backend_factory
+from deviceplugin.files import bound_path_length
 from deviceplugin.names import MAX_SOCKET_PATH, resource_name_problem
 from deviceplugin.socketdir import DEVICE_PLUGIN_PATH
 

@@ -4,25 +4,23 @@
   never something to delete.
 - No other user ever finds the socket connectable, not even for an instant, and the
   process umask is never touched: worker threads create files and directories at any
-  moment (state, CDI specs, the NFD file), and the umask is shared by every thread.
-  So the socket is bound inside a fresh private directory (0700) beside its path,
-  chmod-ed, then hard-linked into place, which fails rather than replace anything.
-  The directory's name starts with a dot: the kubelet's plugin watcher ignores those.
+  moment (state, CDI specs, the NFD file), and the umask is shared by every thread
+  (deviceplugin.files.add_unix_port says how).
 - Whoever stops the server removes its socket.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import stat
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
+
+from deviceplugin.files import add_unix_port
 
 SOCKET_MODE = 0o600
 
@@ -50,15 +48,6 @@ def is_socket(path: Path) -> bool:
         return False
 
 
-# The staging path's length beyond its directory: "/" + mkdtemp's ".XXXXXXXX" + "/s".
-_STAGING_SUFFIX = len("/.XXXXXXXX/s")
-
-
-def bound_path_length(path: Path) -> int:
-    """The longest path serve() binds for a socket at `path` (both must fit sun_path)."""
-    return max(len(str(path)), len(str(path.parent)) + _STAGING_SUFFIX)
-
-
 class UnixSockets:
     """Serves gRPC on Unix sockets; handed to the plugins, which do not bind sockets themselves.
 
@@ -80,23 +69,12 @@ class UnixSockets:
         server = grpc.aio.server(interceptors=self._interceptors)
         add_services(server)
         health_pb2_grpc.add_HealthServicer_to_server(health_aio.HealthServicer(), server)
-        # grpc unlinks the path it bound when the server stops: a fresh name each time
-        # keeps that from ever hitting a socket staged later.
-        staging = Path(tempfile.mkdtemp(prefix=".", dir=path.parent))
-        staged = staging / "s"
-        try:
-            server.add_insecure_port(f"unix:{staged}")
-            staged.chmod(self.mode)
-            os.link(staged, path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                staged.unlink()
-            staging.rmdir()
+        add_unix_port(server, path, self.mode)
         try:
             await server.start()
         except BaseException:
             # Cancelled or failed before the caller holds the server: nobody else
-            # knows this socket exists (grpc would only unlink the staging name).
+            # knows this socket exists.
             remove_socket(path)
             raise
         return server

@@ -4,7 +4,8 @@ It does what the kubelet does with device plugins, no more: serves Registration 
 kubelet.sock; on Register checks the version and the resource name, dials the plugin
 back, asks GetDevicePluginOptions, then follows ListAndWatch; it can call Allocate,
 GetPreferredAllocation and PreStartContainer as pod admission would; and restart() is a
-kubelet restart (every socket in the directory removed, kubelet.sock created anew).
+kubelet restart (the process killed, its kubelet.sock left behind; then every socket in
+the directory removed, kubelet.sock created anew).
 Used by the tests and by `nodeplug sandbox`; vendors can drive their backends with it.
 
 Facts of the real kubelet it keeps:
@@ -34,6 +35,7 @@ from typing import TypeVar
 
 import grpc
 
+from deviceplugin.files import add_unix_port
 from deviceplugin.names import resource_name_problem
 from deviceplugin.servicer import KUBELET_PRE_START_TIMEOUT
 from deviceplugin.socketdir import KUBELET_SOCKET
@@ -88,25 +90,40 @@ class FakeKubelet(api_pb2_grpc.RegistrationServicer):
             for path in self.directory.iterdir():
                 if stat.S_ISSOCK(path.lstat().st_mode):
                     path.unlink()
+        # The device manager's listen() removes a stale kubelet.sock in any case.
+        with contextlib.suppress(FileNotFoundError):
+            self.socket.unlink()
         server = grpc.aio.server()
         api_pb2_grpc.add_RegistrationServicer_to_server(self, server)
-        server.add_insecure_port(f"unix:{self.socket}")
+        # Not bound at kubelet.sock itself: grpc would remove that when the server
+        # stops, and a killed kubelet leaves its socket behind.
+        add_unix_port(server, self.socket, 0o600)
         await server.start()
         self._server = server
 
-    async def stop(self) -> None:
-        """The kubelet process ends: its server and its plugin connections go away."""
+    async def stop(self, *, killed: bool = False) -> None:
+        """The kubelet process ends: its server and its plugin connections go away.
+
+        killed: as when systemd restarts it, nothing closes its listener, so
+        kubelet.sock stays behind with nobody listening (a dial gets ECONNREFUSED).
+        """
         if self._server is not None:
             await self._server.stop(grace=None)
             self._server = None
+        if not killed:  # its listener's Close removes the socket
+            with contextlib.suppress(FileNotFoundError):
+                self.socket.unlink()
         for client in list(self.clients.values()):
             await self._disconnect(client)
         self.clients.clear()
 
-    async def restart(self) -> None:
-        await self.stop()
-        with contextlib.suppress(FileNotFoundError):
-            self.socket.unlink()
+    async def restart(self, *, down_for: float = 0.0) -> None:
+        """A kubelet restart: the process killed (its kubelet.sock left behind), `down_for`
+        seconds of start-up, then the device manager's Start: every socket in the
+        directory removed, kubelet.sock served anew."""
+        await self.stop(killed=True)
+        if down_for > 0:
+            await asyncio.sleep(down_for)
         await self.start(clean=True)
 
     async def __aenter__(self) -> FakeKubelet:
@@ -115,8 +132,6 @@ class FakeKubelet(api_pb2_grpc.RegistrationServicer):
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
-        with contextlib.suppress(FileNotFoundError):
-            self.socket.unlink()
 
     async def Register(
         self, request: api_pb2.RegisterRequest, context: grpc.aio.ServicerContext[object, object]

@@ -12,7 +12,8 @@ import grpc
 import pytest
 from asyncinotify import Inotify, Mask
 
-from daemon.sockets import SocketPathError, UnixSockets, bound_path_length
+from daemon.sockets import SocketPathError, UnixSockets
+from deviceplugin.files import bound_path_length
 from deviceplugin.names import MAX_SOCKET_PATH
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import stat
 import time
 from pathlib import Path
@@ -308,13 +309,43 @@ async def test_kubelet_restart_means_register_again_within_a_second(
         assert daemon.plugins[RESOURCE].stats.socket_recreations == 3
 
 
+async def test_a_new_kubelet_is_dialled_fresh_without_the_old_ones_back_off(
+    short_tmp: Path, kubelet: FakeKubelet
+) -> None:
+    """systemd restarts a kubelet by killing it: its kubelet.sock stays behind and
+    refuses every dial until the new kubelet serves a new one. The dials that failed
+    meanwhile must not delay the registration with the new kubelet. grpc keeps one
+    subchannel per target for the whole process, with a reconnect back-off (1 s, then
+    growing); while any channel to kubelet.sock holds it (here one opened by the test,
+    on a node another resource's dial in flight) a new channel inherits the back-off
+    and fails without dialing."""
+    config = make_config(short_tmp, SPEC)
+    async with running(config, [ScriptedBackend([device("a")])]) as daemon:
+        await registered(kubelet, count=1)
+        async with grpc.aio.insecure_channel(f"unix:{kubelet.socket}") as other:
+            for restart in range(3):
+                await kubelet.stop(killed=True)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(other.channel_ready(), 0.05)  # refused
+                await asyncio.sleep(0.2)  # the kubelet starting; every dial fails
+                started = time.monotonic()
+                await kubelet.start(clean=True)
+                await registered(kubelet, count=1)
+                assert time.monotonic() - started < 0.5, f"restart {restart}"
+        assert daemon.plugins[RESOURCE].stats.register_failures >= 3
+
+
 async def test_own_socket_removed_is_recreated(short_tmp: Path, kubelet: FakeKubelet) -> None:
     config = make_config(short_tmp, SPEC)
     async with running(config, [ScriptedBackend([device("a")])]):
         await registered(kubelet, count=1)
-        socket = config.device_plugin_dir / kubelet.client(RESOURCE).endpoint
+        first = kubelet.client(RESOURCE)
+        socket = config.device_plugin_dir / first.endpoint
         socket.unlink()
-        await kubelet.wait_for(lambda _: socket.exists() and len(kubelet.register_requests) == 2)
+        await kubelet.wait_for(
+            lambda c: c.get(RESOURCE) not in (None, first) and c[RESOURCE].updates > 0
+        )
+        assert socket.exists() and len(kubelet.register_requests) == 2
         response = await kubelet.allocate(RESOURCE, [["a"]])
         assert response.container_responses[0].devices[0].host_path == "/dev/a"
 
