@@ -18,7 +18,12 @@ devicePlugins:
     allocationPolicy: spread       # or pack: how replicas are handed out
     hookTimeout: 10                # seconds a backend's allocate/pre_start may take (pre_start:
                                    #   also ends before the kubelet's 30 s PreStart deadline)
-    cdi: false                     # true: containers get devices as CDI names
+    deviceListStrategy: [deviceSpecs]  # how devices reach containers, one or more of:
+                                   #   deviceSpecs (nodes, mounts, env in Allocate's answer),
+                                   #   cdiField (CDI names: kubelet 1.29+, or 1.28 with the
+                                   #   DevicePluginCDIDevices gate), cdiAnnotations (CDI
+                                   #   names in a cdi.k8s.io/ annotation: any kubelet)
+    cdi: false                     # true: the same as deviceListStrategy: [cdiField]
 csi: {...}                         # see csi/config.py
 """
 
@@ -48,6 +53,7 @@ from pydantic import (
 from csi.config import CsiConfig
 from deviceplugin.allocation import Policy
 from deviceplugin.backend import Backend, BackendNotFoundError, load_backend_factory
+from deviceplugin.cdi import CDI_STRATEGIES, DeviceListStrategy
 from deviceplugin.files import bound_path_length
 from deviceplugin.names import MAX_SOCKET_PATH, resource_name_problem
 from deviceplugin.socketdir import DEVICE_PLUGIN_PATH
@@ -135,7 +141,34 @@ class DevicePluginSpec(_Section):
     replicas: StrictInt = Field(default=1, ge=1, le=1024)
     allocation_policy: Policy = Field(default=Policy.SPREAD, alias="allocationPolicy")
     hook_timeout: float = Field(default=10.0, strict=True, gt=0, le=300, alias="hookTimeout")
+    device_list_strategy: list[DeviceListStrategy] | None = Field(
+        default=None, min_length=1, alias="deviceListStrategy"
+    )
     cdi: StrictBool = False
+
+    @field_validator("device_list_strategy", mode="before")
+    @classmethod
+    def _one_or_a_list(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("device_list_strategy")
+    @classmethod
+    def _each_once(cls, value: list[DeviceListStrategy] | None) -> object:
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError("names a strategy more than once")
+        return value
+
+    @property
+    def strategies(self) -> frozenset[DeviceListStrategy]:
+        if self.device_list_strategy is not None:
+            return frozenset(self.device_list_strategy)
+        if self.cdi:
+            return frozenset({DeviceListStrategy.CDI_FIELD})
+        return frozenset({DeviceListStrategy.DEVICE_SPECS})
+
+    @property
+    def writes_cdi_spec(self) -> bool:
+        return bool(self.strategies & CDI_STRATEGIES)
 
 
 class Config(_Section):
@@ -170,6 +203,11 @@ class Config(_Section):
     def _check_consistency(self) -> Config:
         seen: dict[str, int] = {}
         for index, spec in enumerate(self.device_plugins):
+            if spec.cdi and spec.device_list_strategy is not None:
+                raise ValueError(
+                    f"devicePlugins[{index}].cdi: give cdi or deviceListStrategy, not both "
+                    "(cdi: true is the same as deviceListStrategy: [cdiField])"
+                )
             if spec.resource_name in seen:
                 raise ValueError(
                     f"devicePlugins[{index}].resourceName: {spec.resource_name!r} is already "

@@ -38,7 +38,9 @@ def describe(config: Config) -> list[str]:
         lines.append(
             f"    sharing           {spec.replicas} per device, {spec.allocation_policy.value}"
         )
-        if spec.cdi:
+        strategies = ", ".join(sorted(spec.strategies))
+        lines.append(f"    devices reach     containers by {strategies}")
+        if spec.writes_cdi_spec:
             lines.append(
                 f"    CDI spec          {config.cdi.dir / spec_file_name(spec.resource_name)}"
             )

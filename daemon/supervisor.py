@@ -213,7 +213,7 @@ class Daemon:
     async def _start_units(self, config: Config, backends: Mapping[str, Backend]) -> list[str]:
         """Start every unit of `config` that is not running (on start, and after a reload)."""
         started = []
-        cdi_resources = [s for s in config.device_plugins if s.cdi]
+        cdi_resources = [s for s in config.device_plugins if s.writes_cdi_spec]
         writers = {
             s.resource_name: CdiSpecWriter(config.cdi.dir, s.resource_name) for s in cdi_resources
         }
@@ -263,6 +263,7 @@ class Daemon:
             spec.allocation_policy,
             spec.hook_timeout,
             cdi_kind=writer.kind if writer is not None else None,
+            strategies=spec.strategies,
         )
         registration = None
         mode = None

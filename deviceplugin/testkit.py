@@ -17,6 +17,10 @@ Facts of the real kubelet it keeps:
   InSecs) and Allocate and GetPreferredAllocation with none: a plugin must answer
   PreStartContainer in time and never hang the others (pre_start_timeout shortens the
   deadline for tests);
+- it passes the Allocate response's cdi_devices on to the runtime only from 1.28 with
+  the DevicePluginCDIDevices gate (on by default from 1.29, GA in 1.31): cdi_field=False
+  is an older kubelet, which drops the field, so the container gets no device from it
+  (container_config(), and deviceplugin.testruntime for what a runtime makes of it);
 - admission (admit()) follows the device manager's devicesToAllocate: an error from
   GetPreferredAllocation fails the pod, the answer's ids it does not offer are
   dropped and a shortfall is filled from its own available set, and its view of the
@@ -39,6 +43,7 @@ from deviceplugin.files import add_unix_port
 from deviceplugin.names import resource_name_problem
 from deviceplugin.servicer import KUBELET_PRE_START_TIMEOUT
 from deviceplugin.socketdir import KUBELET_SOCKET
+from deviceplugin.testruntime import ContainerConfig
 from deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
 
 T = TypeVar("T")
@@ -71,10 +76,15 @@ class PluginClient:
 
 class FakeKubelet(api_pb2_grpc.RegistrationServicer):
     def __init__(
-        self, device_plugin_dir: Path, *, pre_start_timeout: float = KUBELET_PRE_START_TIMEOUT
+        self,
+        device_plugin_dir: Path,
+        *,
+        pre_start_timeout: float = KUBELET_PRE_START_TIMEOUT,
+        cdi_field: bool = True,
     ) -> None:
         self.directory = device_plugin_dir
         self.pre_start_timeout = pre_start_timeout
+        self.cdi_field = cdi_field
         self.socket = device_plugin_dir / KUBELET_SOCKET
         self.clients: dict[str, PluginClient] = {}
         self.register_requests: list[api_pb2.RegisterRequest] = []
@@ -292,6 +302,10 @@ class FakeKubelet(api_pb2_grpc.RegistrationServicer):
         if client.options.pre_start_required:
             await self._pod_step("PreStartContainer", self.pre_start(resource, chosen))
         return response.container_responses[0]
+
+    def container_config(self, response: api_pb2.ContainerAllocateResponse) -> ContainerConfig:
+        """What this kubelet sends the runtime for a container given `response`."""
+        return ContainerConfig.of(response, cdi_field=self.cdi_field)
 
     @staticmethod
     async def _pod_step(name: str, call: Awaitable[T]) -> T:

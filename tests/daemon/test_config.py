@@ -31,6 +31,21 @@ def test_defaults() -> None:
     assert configuration.parse(None) == config
 
 
+@pytest.mark.parametrize(
+    ("entry", "strategies"),
+    [
+        ({}, {"deviceSpecs"}),
+        ({"cdi": True}, {"cdiField"}),
+        ({"deviceListStrategy": "cdiAnnotations"}, {"cdiAnnotations"}),
+        ({"deviceListStrategy": ["cdiField", "deviceSpecs"]}, {"cdiField", "deviceSpecs"}),
+    ],
+)
+def test_device_list_strategies(entry: dict[str, Any], strategies: set[str]) -> None:
+    (spec,) = configuration.parse({"devicePlugins": [{**GOOD_PLUGIN, **entry}]}).device_plugins
+    assert spec.strategies == strategies
+    assert spec.writes_cdi_spec is (strategies != {"deviceSpecs"})
+
+
 def test_full_device_plugin_entry() -> None:
     config = configuration.parse(
         {
@@ -85,6 +100,22 @@ def test_full_device_plugin_entry() -> None:
         ),
         ({"devicePlugins": [{**GOOD_PLUGIN, "hookTimeout": -1}]}, "devicePlugins[0].hookTimeout:"),
         ({"devicePlugins": [{**GOOD_PLUGIN, "extra": 1}]}, "devicePlugins[0].extra: unknown field"),
+        (
+            {"devicePlugins": [{**GOOD_PLUGIN, "deviceListStrategy": ["envvar"]}]},
+            "devicePlugins[0].deviceListStrategy[0]: Input should be 'deviceSpecs', 'cdiField'",
+        ),
+        (
+            {"devicePlugins": [{**GOOD_PLUGIN, "deviceListStrategy": []}]},
+            "devicePlugins[0].deviceListStrategy: List should have at least 1 item",
+        ),
+        (
+            {"devicePlugins": [{**GOOD_PLUGIN, "deviceListStrategy": ["cdiField", "cdiField"]}]},
+            "devicePlugins[0].deviceListStrategy: names a strategy more than once",
+        ),
+        (
+            {"devicePlugins": [{**GOOD_PLUGIN, "cdi": True, "deviceListStrategy": "cdiField"}]},
+            "devicePlugins[0].cdi: give cdi or deviceListStrategy, not both",
+        ),
         (
             {"devicePlugins": [GOOD_PLUGIN, GOOD_PLUGIN]},
             "devicePlugins[1].resourceName: 'example.com/widget' is already used",
