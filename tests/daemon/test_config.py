@@ -275,3 +275,29 @@ def test_property_any_input_is_a_config_or_a_config_error(data: dict[str, Any]) 
         configuration.create_backends(config)
     except configuration.ConfigError as error:
         assert error.problems
+
+
+def host_paths(value: Any, where: str = "") -> dict[str, str]:
+    """Every path-valued setting of a dumped config, by its dotted name."""
+    if isinstance(value, dict):
+        found: dict[str, str] = {}
+        for key, item in value.items():
+            found |= host_paths(item, f"{where}.{key}" if where else key)
+        return found
+    if isinstance(value, str) and value.startswith("/"):
+        return {where: value}
+    return {}
+
+
+def test_confined_to_puts_every_host_path_under_one_root(tmp_path: Path) -> None:
+    """Sandbox and tests must never touch the real kubelet: any path setting added
+    later that confined_to() forgets fails here."""
+    config = configuration.parse(configuration.confined_to({}, tmp_path))
+    paths = host_paths(config.model_dump(by_alias=True, mode="json"))
+    assert {"kubeletDir", "devicePluginDir", "stateDir", "cdi.dir", "nodeFeatures.file"} <= set(
+        paths
+    )
+    outside = {k: v for k, v in paths.items() if not Path(v).is_relative_to(tmp_path)}
+    assert outside == {}
+    # The device-plugin directory is not found by way of kubeletDir.
+    assert not config.device_plugin_dir.is_relative_to(config.kubelet_dir)
