@@ -110,36 +110,42 @@ async def test_a_changed_file_is_picked_up_by_itself(short_tmp: Path, kubelet: F
         assert registrations(kubelet, A) == 1
 
 
-async def test_sighup_reloads_the_running_process(short_tmp: Path, kubelet: FakeKubelet) -> None:
-    path = short_tmp / "config.yaml"
-    write(path, short_tmp, plugin(A))
+@contextlib.asynccontextmanager
+async def nodeplug_run(config: Path) -> AsyncIterator[asyncio.subprocess.Process]:
+    """`nodeplug run --log-level debug` as a process, killed if the test leaves it running."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "daemon.cli",
-        "run",
-        "--log-level",
-        "debug",
-        "--config",
-        str(path),
+        *(sys.executable, "-m", "daemon.cli", "run", "--log-level", "debug"),
+        *("--config", str(config)),
         stderr=asyncio.subprocess.PIPE,
     )
     try:
-        await kubelet.wait_for(lambda c: A in c, timeout=20)
-        process.send_signal(signal.SIGHUP)
-        assert process.stderr is not None
-        async with asyncio.timeout(10):
-            async for line in process.stderr:
-                entry = json.loads(line)
-                if entry["msg"] == "config reload":
-                    assert entry["result"] == "unchanged"
-                    break
-        process.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(process.wait(), 10) == 0
+        yield process
     finally:
         if process.returncode is None:
             os.kill(process.pid, signal.SIGKILL)
             await process.wait()
+
+
+async def next_reload_result(process: asyncio.subprocess.Process) -> str:
+    """The result of the next reload the process logs."""
+    assert process.stderr is not None
+    async with asyncio.timeout(10):
+        async for line in process.stderr:
+            entry = json.loads(line)
+            if entry["msg"] == "config reload":
+                return str(entry["result"])
+    raise AssertionError("the process ended without logging a reload")
+
+
+async def test_sighup_reloads_the_running_process(short_tmp: Path, kubelet: FakeKubelet) -> None:
+    path = short_tmp / "config.yaml"
+    write(path, short_tmp, plugin(A))
+    async with nodeplug_run(path) as process:
+        await kubelet.wait_for(lambda c: A in c, timeout=20)
+        process.send_signal(signal.SIGHUP)
+        assert await next_reload_result(process) == "unchanged"
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 10) == 0
 
 
 def running_extras(daemon: Daemon) -> tuple[bool, bool]:
@@ -236,32 +242,11 @@ async def test_a_broken_backend_in_a_reload_never_stops_the_process(
 ) -> None:
     path = short_tmp / "config.yaml"
     write(path, short_tmp, plugin(A))
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "daemon.cli",
-        "run",
-        "--log-level",
-        "debug",
-        "--config",
-        str(path),
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
+    async with nodeplug_run(path) as process:
         await kubelet.wait_for(lambda c: A in c, timeout=20)
         write(path, short_tmp, plugin(A), {"resourceName": C, "backend": "broken-import"})
-        assert process.stderr is not None
-        async with asyncio.timeout(10):
-            async for line in process.stderr:
-                entry = json.loads(line)
-                if entry["msg"] == "config reload":
-                    assert entry["result"] == "rejected"
-                    break
+        assert await next_reload_result(process) == "rejected"
         assert process.returncode is None
         assert A in kubelet.clients
         process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), 10) == 0
-    finally:
-        if process.returncode is None:
-            os.kill(process.pid, signal.SIGKILL)
-            await process.wait()
