@@ -24,8 +24,23 @@ COPY --chown=builder daemon daemon
 COPY --chown=builder deviceplugin deviceplugin
 COPY --chown=builder csi csi
 COPY --chown=builder credprovider credprovider
+# pip's index and TLS trust, for builds behind a private index or an intercepting proxy,
+# without either landing in a layer or in the build's history: secret mounts (BuildKit,
+# buildah), present only while this RUN runs and only when given to the build:
+#   --secret id=pip.conf,src=FILE  a pip config: index-url (credentials may be in it),
+#                                  extra-index-url, trusted-host, ...
+#   --secret id=pip-ca,src=FILE    a PEM bundle pip trusts instead of its own
+# An index URL without credentials may instead be a build argument (--build-arg
+# PIP_INDEX_URL=...), which pip reads from the environment; an unset or empty one is
+# ignored. The proxy itself comes through Docker's predefined HTTPS_PROXY argument.
+# The secrets' uid is the builder's, which pip runs as.
+ARG PIP_INDEX_URL
 # tomli is bundled into the zipapp for node Pythons without tomllib (3.9, 3.10).
-RUN /opt/nodeplug/bin/pip install --constraint .ci/constraints.txt . tomli
+RUN --mount=type=secret,id=pip.conf,uid=10001 \
+    --mount=type=secret,id=pip-ca,uid=10001 \
+    if [ -f /run/secrets/pip.conf ]; then export PIP_CONFIG_FILE=/run/secrets/pip.conf; fi \
+    && if [ -f /run/secrets/pip-ca ]; then export PIP_CERT=/run/secrets/pip-ca; fi \
+    && /opt/nodeplug/bin/pip install --constraint .ci/constraints.txt . tomli
 # Built from the installed package (not this source tree), outside it.
 RUN cd / && /opt/nodeplug/bin/python -m credprovider.build \
     --output /opt/nodeplug-share/nodeplug-credential-provider
@@ -42,8 +57,10 @@ RUN apt-get update \
         mount \
         util-linux \
     && rm -rf /var/lib/apt/lists/*
-COPY --from=builder /opt/nodeplug /opt/nodeplug
-COPY --from=builder /opt/nodeplug-share/nodeplug-credential-provider \
+# Owned by root: the builder's uid does not exist in this image, and nothing here but
+# root may change what root runs.
+COPY --from=builder --chown=0:0 /opt/nodeplug /opt/nodeplug
+COPY --from=builder --chown=0:0 /opt/nodeplug-share/nodeplug-credential-provider \
     /usr/local/share/nodeplug/nodeplug-credential-provider
 ENV PATH=/opt/nodeplug/bin:$PATH
 # Root, on purpose: the daemon mounts and bind-mounts volumes, attaches loop devices,

@@ -2,9 +2,11 @@
 
 The kubelet runs it (named in its CredentialProviderConfig) on every credential cache
 miss, writes one CredentialProviderRequest to stdin and reads one
-CredentialProviderResponse from stdout. On failure: exit 1, one line on stderr, nothing
-on stdout. It runs on the node's own Python (3.9 or later) and imports only the
-standard library; network modules load only when a configured source needs them.
+CredentialProviderResponse from stdout. On failure: one line on stderr, nothing on
+stdout, exit 2 for a wrong command line and 1 for anything else. `check` validates the
+config instead and says what the kubelet's config must say for it. It runs on the
+node's own Python (3.9 or later) and imports only the standard library; network
+modules load only when a configured source needs them.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import sys
 
 PROG = "nodeplug-credential-provider"
-USAGE = f"usage: {PROG} --config FILE [--cache-dir DIR]"
+USAGE = f"usage: {PROG} [check] --config FILE [--cache-dir DIR]"
 
 
 class UsageError(Exception):
@@ -51,10 +53,21 @@ def run(argv: list[str], stdin: bytes) -> str:
 def main(argv: list[str] | None = None) -> int:
     from credprovider.errors import ProviderError  # noqa: PLC0415
 
+    arguments = sys.argv[1:] if argv is None else argv
     try:
-        response = run(sys.argv[1:] if argv is None else argv, sys.stdin.buffer.read())
+        if arguments[:1] == ["check"]:
+            from credprovider.check import report  # noqa: PLC0415
+
+            # The kubelet's own arguments work after `check`; only the config matters.
+            output = report(_options(arguments[1:])[0])
+        else:
+            from credprovider.api import MAX_REQUEST_BYTES  # noqa: PLC0415
+
+            # One byte past the limit is enough to refuse; never the whole of a flood.
+            output = run(arguments, sys.stdin.buffer.read(MAX_REQUEST_BYTES + 1))
     except UsageError as error:
-        print(f"{PROG}: {error}\n{USAGE}", file=sys.stderr)
+        # One line, like every failure: the kubelet logs stderr as part of its error.
+        print(f"{PROG}: {error} ({USAGE})", file=sys.stderr)
         return 2
     except ProviderError as error:
         print(f"{PROG}: {error}", file=sys.stderr)
@@ -66,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{trace.tb_frame.f_code.co_filename}:{trace.tb_lineno}" if trace else "?"
         print(f"{PROG}: internal error {type(error).__name__} at {where}", file=sys.stderr)
         return 1
-    sys.stdout.write(response)
+    sys.stdout.write(output)
     sys.stdout.flush()
     return 0
 

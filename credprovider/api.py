@@ -9,7 +9,7 @@ decodes responses strictly, so the response carries exactly the API's fields.
 from __future__ import annotations
 
 from credprovider.errors import ProviderError
-from credprovider.wire import dumps, loads
+from credprovider.wire import NestingError, dumps, loads
 
 GROUP = "credentialprovider.kubelet.k8s.io"
 V1 = f"{GROUP}/v1"
@@ -17,6 +17,12 @@ API_VERSIONS = (V1, f"{GROUP}/v1beta1", f"{GROUP}/v1alpha1")
 REQUEST_KIND = "CredentialProviderRequest"
 RESPONSE_KIND = "CredentialProviderResponse"
 CACHE_KEY_TYPES = ("Image", "Registry", "Global")
+# A real request is a few KiB: an image reference (distribution caps names at 255
+# bytes), a service account token, and the service account's annotations that the
+# kubelet config names, at most 256 KiB in all (the API server's limit), which Go's
+# JSON encoder may grow six-fold by escaping (<, >, & and control characters as
+# \u00XX). 2 MiB holds all of that; anything larger is not from a kubelet.
+MAX_REQUEST_BYTES = 2 << 20
 
 
 class Request:
@@ -42,10 +48,20 @@ def _shown(value: object) -> str:
 
 
 def parse_request(data: bytes) -> Request:
+    """The request in `data`: at most MAX_REQUEST_BYTES (read one byte more to tell)."""
+    if len(data) > MAX_REQUEST_BYTES:
+        raise ProviderError(
+            f"request on stdin is larger than {MAX_REQUEST_BYTES >> 20} MiB; "
+            "a kubelet's is a few KiB"
+        )
     try:
         document = loads(data.decode("utf-8"))
     except UnicodeDecodeError:
         raise ProviderError("request on stdin is not UTF-8") from None
+    except NestingError:
+        raise ProviderError(
+            "request on stdin is JSON nested too deeply; a kubelet's is two levels deep"
+        ) from None
     except ValueError as error:
         raise ProviderError(f"request on stdin is not valid JSON: {error}") from None
     if not isinstance(document, dict):

@@ -31,29 +31,60 @@ DEFAULT_TIMEOUT_SECONDS = 10
 # up long before, so that the provider can still report a clear error.
 MAX_TIMEOUT_SECONDS = 30
 _CACHE_FILE = "config.marshal"
-_CACHE_FORMAT = 1
-_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+# 2: durations became whole seconds (ints) checked against Go's range; a cache written
+# before then may hold a duration the kubelet cannot parse, so it must not be reused.
+_CACHE_FORMAT = 2
+_NANOSECONDS = {"h": 3_600_000_000_000, "m": 60_000_000_000, "s": 1_000_000_000, "ms": 1_000_000}
+# The kubelet reads every duration we hand it with Go's time.ParseDuration, into an
+# int64 of nanoseconds: anything longer fails its whole response.
+MAX_DURATION_NANOSECONDS = (1 << 63) - 1
+GO_MAX_DURATION = "2562047h47m16.854775807s"
+_NUMBER = "0123456789."
 
 
-def parse_duration(text: str) -> float:
-    """Seconds in a Go-style duration: "90s", "5m", "1h30m", "250ms"."""
+def parse_duration(text: str) -> int:
+    """Nanoseconds in a Go-style duration ("90s", "5m", "1h30m", "250ms", "0").
+
+    Integer arithmetic, as Go's time.ParseDuration does; a duration Go cannot
+    represent is refused here, so that it can never reach the kubelet.
+    """
+    if text == "0":
+        return 0
     if not text:
         raise ValueError("empty duration")
-    total, number, i = 0.0, "", 0
+    shown = repr(text if len(text) <= 40 else text[:37] + "...")
+    too_long = ValueError(
+        f"duration {shown} is longer than Go's longest, {GO_MAX_DURATION}, "
+        "so the kubelet could not read it"
+    )
+    total, i = 0, 0
     while i < len(text):
-        char = text[i]
-        if char.isdigit() or char == ".":
-            number += char
+        start = i
+        while i < len(text) and text[i] in _NUMBER:
             i += 1
-            continue
-        unit = "ms" if text.startswith("ms", i) else char
-        if unit not in _UNITS or not number or number.count(".") > 1:
-            raise ValueError(f"invalid duration {text!r} (use h, m, s or ms, e.g. 1h30m)")
-        total += float(number) * _UNITS[unit]
-        number, i = "", i + len(unit)
-    if number:
-        raise ValueError(f"duration {text!r} has no unit (e.g. {number}s)")
+        number = text[start:i]
+        if i == len(text):
+            raise ValueError(f"duration {shown} has no unit (e.g. {number[:20]}s)")
+        unit = "ms" if text.startswith("ms", i) else text[i]
+        whole, _, fraction = number.partition(".")
+        if unit not in _NANOSECONDS or not (whole or fraction) or "." in fraction:
+            raise ValueError(f"invalid duration {shown} (use h, m, s or ms, e.g. 1h30m)")
+        # More digits than an int64 has overflow in any unit; checked before int(),
+        # which refuses thousands of digits. Digits past a nanosecond count for nothing.
+        whole, fraction = whole.lstrip("0"), fraction[:18]
+        if len(whole) > len(str(MAX_DURATION_NANOSECONDS)):
+            raise too_long
+        scale = _NANOSECONDS[unit]
+        total += int(whole or "0") * scale + int(fraction or "0") * scale // 10 ** len(fraction)
+        if total > MAX_DURATION_NANOSECONDS:
+            raise too_long
+        i += len(unit)
     return total
+
+
+def _seconds(text: str) -> int:
+    """A duration for the kubelet's cache, in the whole seconds our responses carry."""
+    return parse_duration(text) // 1_000_000_000
 
 
 def _pattern(value: str) -> str:
@@ -76,10 +107,10 @@ def _absolute(value: str) -> str:
 
 
 def _timeout(value: str) -> float:
-    seconds = parse_duration(value)
-    if not 0 < seconds <= MAX_TIMEOUT_SECONDS:
+    nanoseconds = parse_duration(value)
+    if not 0 < nanoseconds <= MAX_TIMEOUT_SECONDS * 1_000_000_000:
         raise ValueError(f"must be more than 0s and at most {MAX_TIMEOUT_SECONDS}s")
-    return seconds
+    return nanoseconds / 1e9
 
 
 def _https(value: str) -> str:
@@ -101,11 +132,11 @@ _STATIC: _Fields = {
     "username": (_name, None),
     "password": (_name, ""),
     "passwordFile": (_absolute, ""),
-    "cacheDuration": (parse_duration, ""),
+    "cacheDuration": (_seconds, ""),
 }
 _DOCKER: _Fields = {
     "path": (_absolute, None),
-    "cacheDuration": (parse_duration, ""),
+    "cacheDuration": (_seconds, ""),
     "helperTimeout": (_timeout, float(DEFAULT_TIMEOUT_SECONDS)),
 }
 _TOKEN: _Fields = {
@@ -117,7 +148,7 @@ _TOKEN: _Fields = {
     "scope": (str, ""),
     "caFile": (_absolute, ""),
     "timeout": (_timeout, float(DEFAULT_TIMEOUT_SECONDS)),
-    "maxCacheDuration": (parse_duration, float(3600)),
+    "maxCacheDuration": (_seconds, 3600),
 }
 _TABLES = {"static": _STATIC, "dockerConfig": _DOCKER, "serviceAccountToken": _TOKEN}
 
@@ -147,9 +178,10 @@ def _table(raw: object, where: str, fields: _Fields) -> Table:
 
 
 def validate(raw: Table) -> Table:
-    """The normalized config (durations in seconds, defaults filled in) or ProviderError."""
+    """The normalized config (cache durations in whole seconds, timeouts in seconds,
+    defaults filled in) or ProviderError."""
     top = {k: v for k, v in raw.items() if k not in _TABLES}
-    config = _table(top, "", {"cacheDuration": (parse_duration, float(DEFAULT_CACHE_SECONDS))})
+    config = _table(top, "", {"cacheDuration": (_seconds, DEFAULT_CACHE_SECONDS)})
     for name, fields in _TABLES.items():
         entries = raw.get(name, [])
         if not isinstance(entries, list):

@@ -31,8 +31,21 @@ class _ScannerContext:
     parse_constant = staticmethod(_refuse_constant)
 
 
+class NestingError(ValueError):
+    """A document nested deeper than the parser recurses (Python's recursion limit)."""
+
+
 def loads(text: str) -> object:
     """Parse one JSON document; ValueError (json's: a position, never content) if it is not."""
+    try:
+        return _loads(text)
+    except RecursionError:
+        # Both parsers recurse per level: a document nested thousands deep is bad
+        # input like any other, not a crash.
+        raise NestingError("JSON nested too deeply") from None
+
+
+def _loads(text: str) -> object:
     try:
         from _json import make_scanner  # noqa: PLC0415
 

@@ -10,6 +10,7 @@ cdi:
 nodeFeatures:                      # NFD local feature file; null turns it off
   file: /etc/kubernetes/node-feature-discovery/features.d/nodeplug
 devicePluginRegistration: kubelet  # or pluginWatcher (plugins_registry, type DevicePlugin)
+kubeconfig: null                   # DRA's API credentials; null: in-cluster, then $KUBECONFIG
 devicePlugins:
   - resourceName: example.com/widget
     backend: glob
@@ -24,6 +25,8 @@ devicePlugins:
                                    #   DevicePluginCDIDevices gate), cdiAnnotations (CDI
                                    #   names in a cdi.k8s.io/ annotation: any kubelet)
     cdi: false                     # true: the same as deviceListStrategy: [cdiField]
+    api: devicePlugin              # or dra, or both: which kubelet API serves the resource
+    draDriverName: widget.example.com  # default <name>.<domain> of resourceName
 csi: {...}                         # see csi/config.py
 """
 
@@ -54,6 +57,7 @@ from csi.config import CsiConfig
 from deviceplugin.allocation import Policy
 from deviceplugin.backend import Backend, BackendNotFoundError, load_backend_factory
 from deviceplugin.cdi import CDI_STRATEGIES, DeviceListStrategy
+from deviceplugin.dra import names as dra_names
 from deviceplugin.files import bound_path_length
 from deviceplugin.names import MAX_SOCKET_PATH, resource_name_problem
 from deviceplugin.socketdir import DEVICE_PLUGIN_PATH
@@ -97,6 +101,13 @@ def _resource_name(name: str) -> str:
     return name
 
 
+def _driver_name(name: str) -> str:
+    problem = dra_names.driver_name_problem(name)
+    if problem is not None:
+        raise ValueError(f"{name!r} is not a valid DRA driver name: it {problem}")
+    return name
+
+
 AbsolutePath = Annotated[Path, AfterValidator(_absolute)]
 
 
@@ -118,6 +129,14 @@ class Registration(StrEnum):
 
     KUBELET = "kubelet"  # Registration.Register on kubelet.sock
     PLUGIN_WATCHER = "pluginWatcher"  # a socket in plugins_registry, type DevicePlugin
+
+
+class Api(StrEnum):
+    """Which kubelet API serves a resource's devices."""
+
+    DEVICE_PLUGIN = "devicePlugin"
+    DRA = "dra"
+    BOTH = "both"
 
 
 class HttpSpec(_Section):
@@ -145,6 +164,34 @@ class DevicePluginSpec(_Section):
         default=None, min_length=1, alias="deviceListStrategy"
     )
     cdi: StrictBool = False
+    api: Api = Api.DEVICE_PLUGIN
+    dra_driver_name: Annotated[StrictStr, AfterValidator(_driver_name)] | None = Field(
+        default=None, alias="draDriverName"
+    )
+
+    @property
+    def serves_device_plugin(self) -> bool:
+        return self.api is not Api.DRA
+
+    @property
+    def serves_dra(self) -> bool:
+        return self.api is not Api.DEVICE_PLUGIN
+
+    @property
+    def driver_name(self) -> str:
+        return self.dra_driver_name or dra_names.default_driver_name(self.resource_name)
+
+    @model_validator(mode="after")
+    def _check_dra(self) -> DevicePluginSpec:
+        if self.dra_driver_name is not None and not self.serves_dra:
+            raise ValueError("draDriverName: only used with api: dra or both")
+        problem = dra_names.driver_name_problem(self.driver_name)
+        if self.serves_dra and problem is not None:
+            raise ValueError(
+                f"draDriverName: the default {self.driver_name!r} (from resourceName) is not "
+                f"a valid DRA driver name: it {problem}; set draDriverName"
+            )
+        return self
 
     @field_validator("device_list_strategy", mode="before")
     @classmethod
@@ -183,6 +230,7 @@ class Config(_Section):
     )
     device_plugins: list[DevicePluginSpec] = Field(default_factory=list, alias="devicePlugins")
     csi: CsiConfig | None = None
+    kubeconfig: AbsolutePath | None = None
 
     @field_validator("http", "node_features", mode="before")
     @classmethod
@@ -226,6 +274,31 @@ class Config(_Section):
                 f"{field}: {str(directory)!r} is too long for device-plugin sockets; their "
                 f"paths would exceed the {MAX_SOCKET_PATH}-byte Unix socket limit"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _check_dra_drivers(self) -> Config:
+        seen: dict[str, int] = {}
+        for index, spec in enumerate(self.device_plugins):
+            if not spec.serves_dra:
+                continue
+            name = spec.driver_name
+            if name in seen:
+                raise ValueError(
+                    f"devicePlugins[{index}].draDriverName: {name!r} is already the DRA "
+                    f"driver of devicePlugins[{seen[name]}]"
+                )
+            seen[name] = index
+            sockets = (
+                f"{dra_names.PLUGINS_SUBDIR}/{name}/{dra_names.SOCKET_NAME}",
+                f"{PLUGIN_REGISTRY_SUBDIR}/{name}-reg.sock",
+            )
+            for socket in sockets:
+                if bound_path_length(self.kubelet_dir / socket) > MAX_SOCKET_PATH:
+                    raise ValueError(
+                        f"devicePlugins[{index}].draDriverName: {socket!r} below kubeletDir "
+                        f"would exceed the {MAX_SOCKET_PATH}-byte Unix socket limit"
+                    )
         return self
 
     @model_validator(mode="after")

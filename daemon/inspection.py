@@ -11,6 +11,7 @@ from typing import Any
 from daemon.config import Config
 from deviceplugin.backend import Backend, Device
 from deviceplugin.cdi import spec_file_name
+from deviceplugin.dra.names import PLUGINS_SUBDIR, SOCKET_NAME
 from deviceplugin.names import socket_file_name
 
 
@@ -34,6 +35,11 @@ def describe(config: Config) -> list[str]:
         lines.append(
             f"    backend           {spec.backend} {json.dumps(spec.config, sort_keys=True)}"
         )
+        if spec.serves_dra:
+            dra_socket = config.kubelet_dir / PLUGINS_SUBDIR / spec.driver_name / SOCKET_NAME
+            lines.append(f"    DRA driver        {spec.driver_name}, socket {dra_socket}")
+        if not spec.serves_device_plugin:
+            continue
         lines.append(f"    socket            {socket}")
         lines.append(
             f"    sharing           {spec.replicas} per device, {spec.allocation_policy.value}"
@@ -44,6 +50,8 @@ def describe(config: Config) -> list[str]:
             lines.append(
                 f"    CDI spec          {config.cdi.dir / spec_file_name(spec.resource_name)}"
             )
+    if any(spec.serves_dra for spec in config.device_plugins):
+        lines.append(f"Kubernetes API      {config.kubeconfig or 'in-cluster, else $KUBECONFIG'}")
     if config.csi is None:
         lines.append("CSI driver          off")
     else:

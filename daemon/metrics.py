@@ -179,3 +179,40 @@ class _DaemonCollector(Collector):
         yield ready
         if daemon.csi is not None:
             yield from daemon.csi.metrics()
+        if daemon.dra:
+            yield from _dra_metrics(daemon)
+
+
+def _dra_metrics(daemon: Daemon) -> Iterable[Metric]:
+    claims = GaugeMetricFamily(
+        "nodeplug_dra_prepared_claims", "Claims prepared and not yet unprepared.", labels=["driver"]
+    )
+    published = GaugeMetricFamily(
+        "nodeplug_dra_published_devices",
+        "Devices in the driver's ResourceSlices.",
+        labels=["driver"],
+    )
+    in_sync = GaugeMetricFamily(
+        "nodeplug_dra_slices_in_sync",
+        "1 when the ResourceSlices on the API server match the backend's devices.",
+        labels=["driver"],
+    )
+    writes = CounterMetricFamily(
+        "nodeplug_dra_slice_writes",
+        "ResourceSlice writes, by operation (create, update, delete, conflict).",
+        labels=["driver", "operation"],
+    )
+    for plugin in daemon.dra.values():
+        driver = plugin.driver
+        claims.add_metric([plugin.name], len(driver.checkpoint.claims))
+        published.add_metric([plugin.name], driver.publisher.published_devices)
+        in_sync.add_metric([plugin.name], 1 if driver.publisher.in_sync.is_set() else 0)
+        stats = driver.publisher.stats
+        for operation, count in (
+            ("create", stats.creates),
+            ("update", stats.updates),
+            ("delete", stats.deletes),
+            ("conflict", stats.conflicts),
+        ):
+            writes.add_metric([plugin.name, operation], count)
+    yield from (claims, published, in_sync, writes)

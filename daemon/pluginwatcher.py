@@ -6,7 +6,7 @@ restart re-registers by itself), calls GetInfo, validates the answer and calls
 NotifyRegistrationStatus with its verdict. A plugin only has to keep serving its
 registration socket: this module serves it, recreates it if it vanishes, and keeps
 the kubelet's last verdict for readiness checks. Nothing here is CSI-specific;
-device plugins can register the same way with type "DevicePlugin".
+device plugins register the same way with type "DevicePlugin", DRA drivers with "DRAPlugin".
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ CSI_VERSIONS = ("1.0.0",)
 DEVICE_PLUGIN = "DevicePlugin"
 # The kubelet's device manager accepts what it speaks itself: v1beta1.
 DEVICE_PLUGIN_VERSIONS = ("v1beta1",)
+# A DRA driver's versions are the gRPC services it serves (deviceplugin.dra.names).
+DRA_PLUGIN = "DRAPlugin"
 SHUTDOWN_GRACE = 1.0
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon import config as configuration
+from daemon import sandbox_dra
 from daemon.supervisor import Daemon
 from deviceplugin.testkit import FakeKubelet
 from deviceplugin.v1beta1 import api_pb2
@@ -42,7 +43,8 @@ def _example_config(root: Path) -> dict[str, Any]:
         print("not root: using the SIMULATED backend (no device nodes; run as root for real ones)")
     return {
         "devicePlugins": [
-            {"resourceName": "example.com/widget", **widget},
+            # Served both ways: as a device plugin and as the DRA driver widget.example.com.
+            {"resourceName": "example.com/widget", **widget, "api": "both"},
             {
                 "resourceName": "example.com/shared-widget",
                 **widget,
@@ -60,7 +62,8 @@ def _load(config_path: Path | None, root: Path) -> configuration.Config:
     else:
         data = configuration.load(config_path).model_dump(by_alias=True, mode="json")
         source = str(config_path)
-    return configuration.parse(configuration.confined_to(data, root), source)
+    data = sandbox_dra.with_kubeconfig(configuration.confined_to(data, root), root)
+    return configuration.parse(data, source)
 
 
 def _describe(response: api_pb2.ContainerAllocateResponse) -> list[str]:
@@ -93,8 +96,11 @@ async def _demo(config: configuration.Config, source: str, once: bool) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    resources = {spec.resource_name for spec in config.device_plugins}
-    async with FakeKubelet(config.device_plugin_dir) as kubelet:
+    resources = {spec.resource_name for spec in config.device_plugins if spec.serves_device_plugin}
+    async with (
+        FakeKubelet(config.device_plugin_dir) as kubelet,
+        sandbox_dra.cluster(config) as dra,
+    ):
         daemon = Daemon(config, backends)
         daemon_task = asyncio.create_task(daemon.run(stop))
         try:
@@ -111,6 +117,8 @@ async def _demo(config: configuration.Config, source: str, once: bool) -> None:
                 daemon_task.result()
                 raise DaemonStoppedError
             await registered
+            if dra is not None:
+                await dra.wait_registered(timeout=15)
             print(f"\nsimulated kubelet at {kubelet.socket}; registered resources:")
             if daemon.status_server is not None and daemon.status_server.bound_port:
                 url = f"http://127.0.0.1:{daemon.status_server.bound_port}"
@@ -122,6 +130,14 @@ async def _demo(config: configuration.Config, source: str, once: bool) -> None:
                     continue
                 print(f"\na pod asks for 1 {resource}; the kubelet admits it with:")
                 print("\n".join(_describe(await kubelet.admit(resource, 1))))
+            if dra is not None:
+                print("\nDRA drivers' ResourceSlices (API server stand-in at", dra.api.url + "):")
+                print("\n".join(dra.slice_table()))
+                for resource in sorted(dra.drivers):
+                    # With api: both, keep clear of what the device plugin just gave out.
+                    taken = kubelet.clients[resource].allocated if resource in resources else ()
+                    print(f"\na pod's claim for 1 {resource} device, prepared through DRA:")
+                    print("\n".join(await dra.prepare_claim(resource, taken)))
             if not once:
                 print("\nwatching for device changes; Ctrl-C to stop")
                 await _watch(kubelet, stop)

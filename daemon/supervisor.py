@@ -16,7 +16,7 @@ import logging
 from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 from grpc_health.v1 import health_pb2
@@ -36,10 +36,16 @@ from daemon.pluginwatcher import (
 from daemon.sockets import UnixSockets
 from deviceplugin.backend import Backend
 from deviceplugin.cdi import CdiSpecWriter, remove_stale_specs
+from deviceplugin.dra.claims import DraSettings
+from deviceplugin.dra.names import default_node_name
 from deviceplugin.names import socket_file_name
 from deviceplugin.plugin import PluginWatcherMode, ResourcePlugin, SocketServing
 from deviceplugin.servicer import ServiceSettings
 from deviceplugin.socketdir import SocketDirWatcher
+from deviceplugin.state import DeviceState
+
+if TYPE_CHECKING:
+    from daemon.draplugin import DraPlugin
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +88,7 @@ class Daemon:
         self.metrics = metrics or Metrics()
         self.sockets = sockets or UnixSockets([self.metrics.interceptor()])
         self.plugins: dict[str, ResourcePlugin] = {}
+        self.dra: dict[str, DraPlugin] = {}
         self.csi: CsiPlugin | None = None
         self.watcher: SocketDirWatcher | None = None
         self.node_features: NodeFeatureFile | None = None
@@ -105,6 +112,9 @@ class Daemon:
         if self.watcher is not None and self.watcher.expect_kubelet and self.plugins:
             ready[f"kubelet ({self.watcher.kubelet_socket})"] = self.watcher.kubelet_present()
         ready |= {f"device plugin {n}": p.registered.is_set() for n, p in self.plugins.items()}
+        ready.update(
+            {f"DRA driver {p.driver.settings.driver_name}": p.ready for p in self.dra.values()}
+        )
         if self.csi is not None:
             ready[_CSI] = self.csi.ready
         return ready
@@ -117,6 +127,7 @@ class Daemon:
         # A plugin waiting for its backend's first device list has no socket yet: that is
         # readiness's business (not registered), not a liveness failure.
         sockets = [p.socket_path for p in self.plugins.values() if p.serving]
+        sockets += [p.driver.socket_path for p in self.dra.values() if p.driver.serving.is_set()]
         if self.csi is not None and self.csi.driver.ready:
             sockets += [self.csi.socket_path, self.csi.registration.socket_path]
         return sockets
@@ -152,20 +163,20 @@ class Daemon:
             self._tasks = None
             self._units.clear()
             self.plugins.clear()
+            self.dra.clear()
 
     def plugins_to_start(self, config: Config) -> list[str]:
-        """The resources whose plugin apply(config) starts: new or changed ones.
+        """The resources whose unit apply(config) starts: new or changed ones.
 
-        Only these need a backend: the others keep theirs, socket and stream included.
+        Only these need a backend: the others keep theirs, sockets and streams included.
         """
         base_changed = _base(self.config) != _base(config)
-        return [
-            spec.resource_name
-            for spec in config.device_plugins
-            if base_changed
-            or spec.resource_name not in self.plugins
-            or self._units[_plugin_key(spec.resource_name)].spec != spec
-        ]
+        starting = []
+        for spec in config.device_plugins:
+            unit = self._units.get(_plugin_key(spec.resource_name))
+            if base_changed or unit is None or unit.spec != _unit_spec(config, spec):
+                starting.append(spec.resource_name)
+        return starting
 
     async def apply(self, config: Config, backends: Backends) -> list[str]:
         """Switch to a new config, restarting only what changed; return what was restarted.
@@ -182,11 +193,15 @@ class Daemon:
         new_specs = {spec.resource_name: spec for spec in config.device_plugins}
         base_changed = _base(old) != _base(config)
         stopped = []
-        for name in list(self.plugins):
+        for name in sorted(set(self.plugins) | set(self.dra)):
             key = _plugin_key(name)
-            if name in new_backends or name not in new_specs:
+            new = new_specs.get(name)
+            if name in new_backends or new is None:
+                dra = self.dra.pop(name, None)
+                if dra is not None and (new is None or not new.serves_dra):
+                    await dra.uninstall()  # no longer a DRA driver: withdraw its slices
                 await self._stop(key)
-                del self.plugins[name]
+                self.plugins.pop(name, None)
                 stopped.append(key)
         if _WATCHER in self._units and (base_changed or not new_specs):
             await self._stop(_WATCHER)
@@ -235,11 +250,19 @@ class Daemon:
             )
             self._start(_WATCHER, None, self.watcher.run())
         for spec in config.device_plugins:
-            if spec.resource_name in self.plugins:
+            if _plugin_key(spec.resource_name) in self._units:
                 continue
-            plugin = self._device_plugin(config, spec, backends[spec.resource_name], writers)
-            self.plugins[spec.resource_name] = plugin
-            started.append(self._start(_plugin_key(spec.resource_name), spec, plugin.run()))
+            backend = backends[spec.resource_name]
+            plugin = dra = None
+            if spec.serves_device_plugin:
+                plugin = self._device_plugin(config, spec, backend, writers)
+                self.plugins[spec.resource_name] = plugin
+            if spec.serves_dra:
+                dra = self._dra_plugin(config, spec, backend, plugin)
+                self.dra[spec.resource_name] = dra
+            work = _serve_resource(plugin, dra)
+            key = _plugin_key(spec.resource_name)
+            started.append(self._start(key, _unit_spec(config, spec), work))
         if config.csi is not None and _CSI not in self._units:
             self.csi = CsiPlugin(config.csi, config.kubelet_dir, config.state_dir, self.sockets)
             started.append(self._start(_CSI, config.csi, self.csi.run()))
@@ -289,6 +312,36 @@ class Daemon:
             registration.on_verdict = plugin.verdict
         return plugin
 
+    def _dra_plugin(
+        self,
+        config: Config,
+        spec: DevicePluginSpec,
+        backend: Backend,
+        plugin: ResourcePlugin | None,
+    ) -> DraPlugin:
+        # Imports the Kubernetes client: only daemons serving DRA pay for it.
+        from daemon.draplugin import DraPlugin  # noqa: PLC0415
+
+        settings = DraSettings(
+            spec.resource_name,
+            spec.driver_name,
+            default_node_name(),
+            spec.resource_name,
+            spec.hook_timeout,
+        )
+        return DraPlugin(
+            settings,
+            backend,
+            # api: both: the device plugin's state, so one backend watch feeds both APIs.
+            plugin.state if plugin is not None else DeviceState(),
+            self.sockets,
+            kubelet_dir=config.kubelet_dir,
+            state_dir=config.state_dir,
+            cdi_dir=config.cdi.dir,
+            kubeconfig=config.kubeconfig,
+            feeds_state=plugin is None,
+        )
+
     def _start(self, key: str, spec: object, work: Coroutine[Any, Any, None]) -> str:
         assert self._tasks is not None, "units start only while the daemon runs"
         self._units[key] = _Unit(spec, self._tasks.create_task(work, name=key))
@@ -327,6 +380,22 @@ def _base(config: Config) -> tuple[object, ...]:
         config.device_plugin_registration,
         config.cdi,
     )
+
+
+def _unit_spec(config: Config, spec: DevicePluginSpec | None) -> object:
+    """What a resource's unit depends on: its entry, and the API credentials if it uses DRA."""
+    if spec is None or not spec.serves_dra:
+        return spec
+    return (spec, config.kubeconfig)
+
+
+async def _serve_resource(plugin: ResourcePlugin | None, dra: DraPlugin | None) -> None:
+    """One resource's unit: its device plugin, its DRA driver, or both on one backend."""
+    async with asyncio.TaskGroup() as tasks:
+        if plugin is not None:
+            tasks.create_task(plugin.run())
+        if dra is not None:
+            tasks.create_task(dra.run())
 
 
 def _plugin_key(resource_name: str) -> str:

@@ -37,6 +37,19 @@ class Mount:
 
 
 @dataclass(frozen=True, slots=True)
+class Version:
+    """A DRA attribute value that is a semantic version (semver.org 2.0.0), e.g. "1.4.2".
+
+    Plain strings compare as text in CEL; versions compare as versions.
+    """
+
+    text: str
+
+
+AttributeValue = bool | int | str | Version
+
+
+@dataclass(frozen=True, slots=True)
 class Device:
     """One physical device as the backend sees it right now.
 
@@ -54,6 +67,12 @@ class Device:
     annotations: Mapping[str, str] = field(default_factory=dict)
     # Fully qualified CDI device names ("vendor.example/fpga=fpga0").
     cdi_devices: tuple[str, ...] = ()
+    # DRA only (ignored by device plugins): what a scheduler can select devices by,
+    # with CEL. Names are C identifiers ("model"), in the driver's own domain, or
+    # qualified ("vendor.example/firmware"); values at most 64 characters.
+    attributes: Mapping[str, AttributeValue] = field(default_factory=dict)
+    # DRA only: capacities as Kubernetes quantities, e.g. {"memory": "16Gi"}.
+    capacity: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Concatenate, NoReturn, ParamSpec, TypeVar
 
 import grpc
@@ -34,6 +35,25 @@ class BackendFailureError(DevicePluginError):
     """A vendor hook raised; the message is the vendor's."""
 
     code = grpc.StatusCode.INTERNAL
+
+
+async def bounded_hook(
+    name: str, call: Awaitable[R], timeout: float, reason: str | None = None
+) -> R:
+    """Await a vendor hook for at most `timeout` seconds; its failures become ours.
+
+    reason: what set the bound, for the message (hookTimeout, a caller's deadline).
+    """
+    try:
+        async with asyncio.timeout(timeout):
+            return await call
+    except TimeoutError as error:
+        why = f" ({reason})" if reason else ""
+        raise BackendTimeoutError(
+            f"backend {name} did not finish within {timeout:.3g}s{why}"
+        ) from error
+    except Exception as error:
+        raise BackendFailureError(f"backend {name} failed: {error}") from error
 
 
 def quoted(value: str, limit: int = 80) -> str:

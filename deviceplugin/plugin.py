@@ -13,15 +13,16 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import grpc
 
-from deviceplugin.backend import Backend, HealthChecker
+from deviceplugin.backend import Backend, Device, HealthChecker
 from deviceplugin.cdi import CdiSpecWriter
+from deviceplugin.feed import check_health, follow_backend
 from deviceplugin.servicer import DevicePluginServicer, ServiceSettings
 from deviceplugin.socketdir import KUBELET_SOCKET, SocketDirWatcher, SocketEvent
 from deviceplugin.state import DeviceState
@@ -141,39 +142,24 @@ class ResourcePlugin:
             await asyncio.gather(*self._retiring)
 
     async def _follow_backend(self) -> None:
-        async for snapshot in self.backend.watch():
-            if self._cdi is not None:
-                # Before the kubelet hears of a device, the runtime must be able to find it.
-                await asyncio.to_thread(self._cdi.write, snapshot)
-            diff = self.state.update(snapshot)
-            if diff and self._on_change is not None:
-                self._on_change()
-            if diff:
-                log.info(
-                    "devices changed",
-                    extra={
-                        "resource": self.resource_name,
-                        "added": diff.added,
-                        "removed": diff.removed,
-                        "changed": diff.changed,
-                        "devices": len(self.state.devices),
-                    },
-                )
-            self._first_snapshot.set()
-        log.info("backend reports no further changes", extra={"resource": self.resource_name})
+        await follow_backend(
+            self.backend,
+            self.state,
+            self.resource_name,
+            self._first_snapshot,
+            self._write_cdi if self._cdi is not None else None,
+            self._on_change,
+        )
+
+    async def _write_cdi(self, snapshot: Sequence[Device]) -> None:
+        # Before the kubelet hears of a device, the runtime must be able to find it.
+        assert self._cdi is not None
+        await asyncio.to_thread(self._cdi.write, snapshot)
 
     async def _check_health(self, checker: HealthChecker) -> None:
-        await self._first_snapshot.wait()
-        while True:
-            await asyncio.sleep(checker.health_check_interval)
-            try:
-                async with asyncio.timeout(max(checker.health_check_interval, 1.0)):
-                    health = await checker.check_health(self.state.reported)
-            except Exception:
-                log.exception("health check failed", extra={"resource": self.resource_name})
-                continue
-            if self.state.set_health(dict(health)) and self._on_change is not None:
-                self._on_change()
+        await check_health(
+            checker, self.state, self.resource_name, self._first_snapshot, self._on_change
+        )
 
     async def _follow_socket_dir(self, events: asyncio.Queue[SocketEvent]) -> None:
         while True:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -15,13 +14,7 @@ from deviceplugin import cdi
 from deviceplugin.allocation import Policy, check_ids, preferred_allocation
 from deviceplugin.backend import Allocator, Backend, ContainerEdits, Device, PreStarter
 from deviceplugin.cdi import DeviceListStrategy
-from deviceplugin.errors import (
-    BackendFailureError,
-    BackendTimeoutError,
-    InvalidRequestError,
-    grpc_errors,
-    quoted,
-)
+from deviceplugin.errors import InvalidRequestError, bounded_hook, grpc_errors, quoted
 from deviceplugin.names import env_name
 from deviceplugin.state import DeviceState, Unit
 from deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
@@ -229,15 +222,7 @@ class DevicePluginServicer(api_pb2_grpc.DevicePluginServicer):
             cut = remaining - min(_DEADLINE_MARGIN_MAX, remaining * _DEADLINE_MARGIN)
             if cut < limit:
                 limit, reason = max(cut, 0.0), "before the caller's deadline"
-        try:
-            async with asyncio.timeout(limit):
-                return await call
-        except TimeoutError as error:
-            raise BackendTimeoutError(
-                f"backend {name} did not finish within {limit:.3g}s ({reason})"
-            ) from error
-        except Exception as error:
-            raise BackendFailureError(f"backend {name} failed: {error}") from error
+        return await bounded_hook(name, call, limit, reason)
 
 
 def _physical(units: Sequence[Unit]) -> list[Device]:

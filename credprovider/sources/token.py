@@ -4,12 +4,12 @@ The kubelet sends the token (v1 requests, when its config has tokenAttributes). 
 `passthrough` source hands it to the registry as the password of a configured user, for
 registries that accept Kubernetes tokens themselves; the answer is good until the
 token's `exp`. An `exchange` source trades it at an HTTPS endpoint for a registry token
-(RFC 8693 token exchange: a form POST, subject_token_type jwt) and hands that out; the
-answer is good for the returned `expires_in`, less a margin, and the minted token is
-kept in the on-disk cache (key: endpoint, audience, scope and a hash of the pod's token)
-so repeated execs for the same token do not exchange again. Either way the duration is
-capped by maxCacheDuration. Tokens are never decoded for trust, only for `exp`: the
-registry or the exchange endpoint verifies them.
+(RFC 8693 token exchange: a form POST, subject_token_type jwt) and hands that out. The
+minted token is kept in the on-disk cache (key: endpoint, audience, scope and a hash of
+the pod's token) so repeated execs for the same token do not exchange again; either
+way the answer is good for what is left of the returned `expires_in`, less a margin.
+Every duration is capped by maxCacheDuration. Tokens are never decoded for trust, only
+for `exp`: the registry or the exchange endpoint verifies them.
 """
 
 from __future__ import annotations
@@ -79,34 +79,51 @@ def _post(entry: Table, token: str) -> tuple[str, float]:
     except urllib.error.HTTPError as error:
         # RFC 6749 error codes (invalid_grant, ...) say what is wrong and hold no secret.
         with error:
-            code = _field(error.read(), "error")
-        detail = f" ({code})" if code else ""
+            code = _object(error.read()).get("error")
+        detail = f" ({code})" if isinstance(code, str) and code else ""
         raise ProviderError(
             f"token exchange at {endpoint} failed: HTTP {error.code}{detail}"
         ) from None
     except (OSError, ssl.SSLError) as error:
         reason = getattr(error, "reason", error)
         raise ProviderError(f"token exchange at {endpoint} failed: {reason}") from None
-    access = _field(body, "access_token")
-    if not access:
+    answer = _object(body)
+    access = answer.get("access_token")
+    if not isinstance(access, str) or not access:
         raise ProviderError(f"token exchange at {endpoint} answered no access_token")
-    lifetime = _field(body, "expires_in")
-    return access, float(lifetime) if lifetime else _seconds_left(token, entry["maxCacheDuration"])
+    if answer.get("expires_in") is None:  # RFC 6749 only recommends it
+        return access, _seconds_left(token, entry["maxCacheDuration"])
+    lifetime = _positive_seconds(answer["expires_in"])
+    if lifetime is None:
+        raise ProviderError(
+            f"token exchange at {endpoint} answered an expires_in that is not "
+            "a positive number of seconds"
+        )
+    return access, lifetime
 
 
-def _field(body: bytes, name: str) -> str:
-    """A string or number field of a JSON object body, as text; "" when there is none."""
+def _object(body: bytes) -> dict[str, object]:
+    """A JSON object body; empty when the body is anything else."""
     try:
         document = loads(body.decode())
     except (ValueError, UnicodeDecodeError):
-        return ""
-    value = document.get(name) if isinstance(document, dict) else None
-    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        return ""
-    return str(value)
+        return {}
+    return document if isinstance(document, dict) else {}
+
+
+def _positive_seconds(value: object) -> float | None:
+    """A JSON number, or a string of one as some servers send, if positive and finite."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        seconds = float(value)
+    except (ValueError, OverflowError):
+        return None
+    return seconds if 0 < seconds < float("inf") else None  # NaN fails this too
 
 
 def _exchanged(entry: Table, token: str, cache_dir: str | None) -> tuple[str, float]:
+    """(registry token, seconds it has left), minted now or kept from an earlier exec."""
     material = "\0".join((entry["endpoint"], entry["audience"], entry["scope"], token))
     key = hashlib.sha256(material.encode()).hexdigest()
     if cache_dir and (hit := cache.get(cache_dir, key)):
@@ -114,7 +131,7 @@ def _exchanged(entry: Table, token: str, cache_dir: str | None) -> tuple[str, fl
     access, lifetime = _post(entry, token)
     if cache_dir:
         cache.put(cache_dir, key, access, lifetime)
-    return access, lifetime - cache.MARGIN_SECONDS
+    return access, lifetime
 
 
 def lookup(
@@ -128,7 +145,8 @@ def lookup(
         if entry["mode"] == "passthrough":
             password, seconds = request.token, _seconds_left(request.token, cap)
         else:
-            password, lifetime = _exchanged(entry, request.token, cache_dir)
-            seconds = max(0.0, min(cap, lifetime))
+            password, left = _exchanged(entry, request.token, cache_dir)
+            # Fresh or kept, the kubelet must stop using it a margin before it expires.
+            seconds = max(0.0, min(cap, left - cache.MARGIN_SECONDS))
         found.append(Credential(entry["registry"], entry["username"], password, seconds))
     return found, [entry["registry"] for entry in entries]

@@ -4,7 +4,9 @@ The driver creates /dev/acme-fpga<N> and a status directory per card,
 <statusDir>/acme-fpga<N>/, holding `health` ("ok" or an error) and `reset` (write "1"
 to reset the card). Discovery and hotplug reuse nodeplug's glob backend; this module
 adds what is ACME-specific: the runtime mount, env vars and CDI names, a health probe,
-per-container setup (Allocator) and a reset before each container starts (PreStarter).
+per-container setup (Allocator) and a reset before each container starts (PreStarter),
+and attributes that DRA claims can select on. The same backend serves the device
+plugin and the DRA driver (`api: both` in the config).
 """
 
 from __future__ import annotations
@@ -23,12 +25,13 @@ class AcmeFpgaBackend:
     health_check_interval = 5.0
 
     def __init__(self, config: Mapping[str, Any]) -> None:
-        unknown = set(config) - {"devices", "statusDir", "runtimeDir", "healthInterval"}
+        unknown = set(config) - {"devices", "statusDir", "runtimeDir", "healthInterval", "model"}
         if unknown:
             raise ValueError(f"unknown keys: {', '.join(sorted(unknown))}")
         self.status_dir = Path(config.get("statusDir", "/sys/class/acme"))
         self.runtime_dir = config.get("runtimeDir", "/opt/acme/runtime")
         self.health_check_interval = float(config.get("healthInterval", 5.0))
+        self.model = str(config.get("model", "acme-x1"))
         self.nodes = GlobBackend(GlobConfig(paths=[config.get("devices", "/dev/acme-fpga*")]))
 
     def _card(self, device: Device) -> Device:
@@ -37,6 +40,8 @@ class AcmeFpgaBackend:
             mounts=(Mount(self.runtime_dir, "/opt/acme", read_only=True),),
             envs={"ACME_FPGA_DEVICES": device.id},
             cdi_devices=(f"acme.example/fpga={device.id}",),
+            # Only DRA reads these: claims can select cards by them (CEL).
+            attributes={"model": self.model, "acme.example/runtime": self.runtime_dir},
         )
 
     async def watch(self) -> AsyncIterator[list[Device]]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import marshal
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -108,6 +110,10 @@ BAD_REQUESTS = [
     (request("r.io/x", serviceAccountToken=7), "serviceAccountToken is not a string"),
     (request("r.io/x", serviceAccountAnnotations=["a"]), "not a map of strings"),
     (request("r.io/x", serviceAccountAnnotations={"a": 1}), "not a map of strings"),
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    (b'{"a":' * 100_000 + b"1" + b"}" * 100_000, "nested too deeply"),
+    (request("r.io/x") + b" " * (2 << 20), "larger than 2 MiB"),
+    (b"[" * (64 << 20), "larger than 2 MiB"),
 ]
 
 
@@ -121,6 +127,33 @@ def test_bad_requests_fail_with_one_clear_line(
     lines = result.stderr.decode().splitlines()
     assert len(lines) == 1 and message in lines[0], lines
     assert "s3cret" not in result.stderr.decode()
+
+
+def go_json_string(text: str) -> str:
+    """`text` as Go's encoding/json writes it for the kubelet: <, > and & escaped."""
+    escaped = json.dumps(text)
+    for char in "<>&":
+        escaped = escaped.replace(char, f"\\u{ord(char):04x}")
+    return escaped
+
+
+def test_the_largest_request_a_kubelet_can_send_is_answered(
+    config_file: Callable[[str], Path],
+) -> None:
+    # The API server allows 256 KiB of annotations on a service account; the kubelet
+    # passes those its config names, and Go's encoder turns each `<` into six bytes.
+    key = "example.com/registry-role"
+    value = "<" * (256 * 1024 - len(key))
+    token = "eyJ" + "a" * 8000
+    stdin = (
+        f'{{"kind":"CredentialProviderRequest","apiVersion":"{V1}","image":"a.example.com/x",'
+        f'"serviceAccountToken":"{token}",'
+        f'"serviceAccountAnnotations":{{{go_json_string(key)}:{go_json_string(value)}}}}}\n'
+    ).encode()
+    assert len(stdin) > 1.5 * 2**20
+    result = run_provider(["--config", config_file(STATIC)], stdin)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["auth"]["*.example.com"]["username"] == "puller"
 
 
 def test_a_bad_request_never_echoes_the_token(config_file: Callable[[str], Path]) -> None:
@@ -155,6 +188,23 @@ BAD_CONFIGS = [
     ("[[static]]\nregistry = 'u@r.io'\nusername = 'u'\npassword = 'p'", "not a glob or host"),
     ("[[static]]\nregistry = 'r.io'\nusername = ''\npassword = 'p'", "must not be empty"),
     ("[[static]]\nregistry = 'r.io'\nusername = 'u'\npassword = 'p'\n[[bogus]]", "bogus: unknown"),
+    ('cacheDuration = "99999999999999h"', "longer than Go's longest, 2562047h47m16.854775807s"),
+    ('cacheDuration = "2562047h47m16.854775808s"', "longer than Go's longest"),
+    ('cacheDuration = "2562048h"', "longer than Go's longest"),
+    ('cacheDuration = "1' + "0" * 5000 + 's"', "longer than Go's longest"),
+    ('cacheDuration = "2562047h2562047h"', "longer than Go's longest"),
+    ('cacheDuration = "-5m"', "invalid duration"),
+    ('cacheDuration = "1.2.3s"', "invalid duration"),
+    ('cacheDuration = "\u00b2s"', "invalid duration"),
+    (
+        "[[static]]\nregistry = 'r.io'\nusername = 'u'\npassword = 'p'\n"
+        "cacheDuration = '9999999999999999m'",
+        "config static[0].cacheDuration: duration '9999999999999999m' is longer than Go's",
+    ),
+    (
+        "[[serviceAccountToken]]\nregistry = 'r.io'\nusername = 'u'\nmaxCacheDuration = '3000000h'",
+        "config serviceAccountToken[0].maxCacheDuration: duration '3000000h' is longer",
+    ),
     ("[[dockerConfig]]\npath = '/x'\nhelperTimeout = '1m'", "at most 30s"),
     ("[[dockerConfig]]\npath = '/x'\nhelperTimeout = '0s'", "more than 0s"),
     (
@@ -186,6 +236,43 @@ def test_bad_configs_fail_naming_the_field(
     assert result.stdout == b""
     lines = result.stderr.decode().splitlines()
     assert len(lines) == 1 and message in lines[0], lines
+
+
+@pytest.mark.parametrize(
+    ("duration", "answered"),
+    [
+        # Go's longest duration, to the nanosecond: whole seconds, which Go reads back.
+        ("2562047h47m16.854775807s", "9223372036s"),
+        ("1.5h", "5400s"),
+        ("1h30m", "5400s"),
+        ("90s", "90s"),
+        ("1500ms", "1s"),
+        (".5s", "0s"),
+        ("0", "0s"),
+        ("0.7s0.2s0.1s", "1s"),  # exact: floats would sum these to 0.9999999999999999
+    ],
+)
+def test_cache_durations_are_whole_seconds_go_can_read(
+    provide: Provide, duration: str, answered: str
+) -> None:
+    config = STATIC.replace('cacheDuration = "10m"', f'cacheDuration = "{duration}"')
+    assert provide(config, "a.example.com/x")["cacheDuration"] == answered
+
+
+def test_a_config_cache_from_before_the_duration_check_is_not_reused(tmp_path: Path) -> None:
+    """An earlier provider cached a parsed config holding an out-of-range duration:
+    its cache format differs, so the file is parsed again, and refused."""
+    config = write_private(tmp_path / "c.toml", STATIC.replace('"10m"', '"99999999999999h"'))
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    info = config.stat()
+    identity = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+    key = (1, sys.hexversion, str(config), *identity)
+    old = {"cacheDuration": 3.6e17, "static": [], "dockerConfig": [], "serviceAccountToken": []}
+    (cache / "config.marshal").write_bytes(marshal.dumps((key, old)))
+    (cache / "config.marshal").chmod(0o600)
+    result = run_provider(["--config", config, "--cache-dir", cache], request("a.example.com/x"))
+    assert result.returncode == 1 and b"longer than Go's longest" in result.stderr
 
 
 def test_config_errors_never_show_secrets(config_file: Callable[[str], Path]) -> None:
@@ -260,11 +347,13 @@ def test_missing_config(tmp_path: Path) -> None:
         (["--bogus"], "unknown argument"),
     ],
 )
-def test_usage_errors_exit_2(args: list[str], message: str) -> None:
+def test_usage_errors_exit_2_with_one_line(args: list[str], message: str) -> None:
     result = run_provider(args, request("r.io/x"))
     assert result.returncode == 2
-    assert message.encode() in result.stderr
     assert result.stdout == b""
+    (line,) = result.stderr.decode().splitlines()
+    assert line.startswith("nodeplug-credential-provider: ") and message in line
+    assert "usage: nodeplug-credential-provider [check] --config FILE" in line
 
 
 def test_equals_form_of_options(tmp_path: Path) -> None:

@@ -4,6 +4,8 @@ decoding of kubelet.config.k8s.io/v1 types), and the example provider config."""
 
 from __future__ import annotations
 
+import copy
+import json
 import re
 import tomllib
 from pathlib import Path
@@ -16,7 +18,10 @@ from credprovider import config as provider_config
 from credprovider.__main__ import _options
 from credprovider.api import API_VERSIONS
 from credprovider.build import DEFAULT_OUTPUT
+from credprovider.check import kubelet_requirements
 from credprovider.match import PatternError, parse
+from tests.credprovider.conftest import V1, request, run_provider, write_private
+from tests.credprovider.tokenauth import fake_pod_token
 
 MANIFESTS = Path(__file__).resolve().parents[2] / "manifests"
 KUBELET_CONFIG = MANIFESTS / "credential-provider-config.yaml"
@@ -169,3 +174,95 @@ def test_the_example_provider_config_is_valid() -> None:
         1,
         1,
     ]
+
+
+def pairing_errors(entry: dict[str, Any], config: provider_config.Table) -> list[str]:
+    """Where the kubelet's provider entry falls short of what the provider's config
+    needs (credprovider.check's requirements, which `check` prints)."""
+    errors = []
+    for need in kubelet_requirements(config):
+        value: Any = entry
+        for part in need.field.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if value is None or (need.values and value not in need.values):
+            wanted = " or ".join(need.values) or "set"
+            errors.append(f"{need.field} is {value!r}, must be {wanted}: {need.reason}")
+    return errors
+
+
+def example_provider_config(mode: str) -> dict[str, Any]:
+    """The example provider config, its token source switched to `mode`."""
+    raw = tomllib.loads((MANIFESTS / "credential-provider.toml").read_text())
+    (source,) = raw["serviceAccountToken"]
+    assert source["mode"] == "exchange"
+    if mode == "passthrough":
+        raw["serviceAccountToken"] = [
+            {"registry": source["registry"], "username": "sa", "mode": "passthrough"}
+        ]
+    return raw
+
+
+@pytest.mark.parametrize("mode", ["exchange", "passthrough"])
+def test_the_example_kubelet_config_fits_the_provider_config_in_either_mode(mode: str) -> None:
+    config = provider_config.validate(example_provider_config(mode))
+    (entry,) = load_example()["providers"]
+    assert pairing_errors(entry, config) == []
+
+
+@pytest.mark.parametrize(
+    ("change", "mode", "error"),
+    [
+        (
+            lambda p: p["tokenAttributes"].update(cacheType="ServiceAccount"),
+            "passthrough",
+            "cacheType is 'ServiceAccount', must be Token",
+        ),
+        (lambda p: p.pop("tokenAttributes"), "exchange", "tokenAttributes is None, must be set"),
+        (
+            lambda p: p.update(apiVersion="credentialprovider.kubelet.k8s.io/v1beta1"),
+            "exchange",
+            "apiVersion is",
+        ),
+    ],
+)
+def test_pairing_flags_a_kubelet_config_that_defeats_the_token_sources(
+    change: Any, mode: str, error: str
+) -> None:
+    config = provider_config.validate(example_provider_config(mode))
+    (entry,) = copy.deepcopy(load_example())["providers"]
+    change(entry)
+    assert any(error in message for message in pairing_errors(entry, config))
+
+
+def kubelet_keeps(response: dict[str, Any], token: str, cache_type: str) -> dict[str, Any]:
+    """The logins the kubelet keeps from a response (pkg/credentialprovider/plugin/
+    plugin.go): unless cacheType is Token, an answer holding the pod's token as a
+    password is dropped whole."""
+    auth: dict[str, Any] = response.get("auth", {})
+    if token and cache_type != "Token" and any(a["password"] == token for a in auth.values()):
+        return {}
+    return auth
+
+
+@pytest.mark.parametrize(("cache_type", "kept"), [("Token", True), ("ServiceAccount", False)])
+def test_the_kubelet_keeps_a_passthrough_answer_only_under_cache_type_token(
+    tmp_path: Path, cache_type: str, kept: bool
+) -> None:
+    """Over a real exec: a passthrough answer with a static login next to it, as the
+    kubelet would treat it under each cacheType; the example says Token."""
+    registry = "team.registry.example.com"
+    config = write_private(
+        tmp_path / "p.toml",
+        f'[[static]]\nregistry = "{registry}"\nusername = "u"\npassword = "p"\n'
+        f'[[serviceAccountToken]]\nregistry = "*.registry.example.com"\nusername = "sa"\n',
+    )
+    token = fake_pod_token(600)
+    result = run_provider(
+        ["--config", config], request(f"{registry}/app", serviceAccountToken=token)
+    )
+    assert result.returncode == 0, result.stderr
+    response = json.loads(result.stdout)
+    assert response["apiVersion"] == V1
+    assert bool(kubelet_keeps(response, token, cache_type)) is kept
+    (entry,) = load_example()["providers"]
+    assert entry["tokenAttributes"]["cacheType"] == "Token"

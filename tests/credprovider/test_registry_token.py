@@ -3,8 +3,10 @@ tests) and a real client: passed through, or exchanged (RFC 8693) at an HTTPS en
 
 from __future__ import annotations
 
+import base64
 import json
 import ssl
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,13 @@ from tests.credprovider.tokenauth import (
 
 pytestmark = needs_tools
 POD_TOKEN = fake_pod_token(900)
+
+
+def pod_token_left() -> float:
+    """Seconds until POD_TOKEN's exp (made at import: a slow run eats into it)."""
+    payload = POD_TOKEN.split(".")[1]
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    return float(claims["exp"]) - time.time()
 
 
 @dataclass
@@ -79,12 +88,14 @@ def answer(result: Any) -> dict[str, Any]:
 def test_passthrough_hands_the_pod_token_to_the_registry(setup: Setup, tmp_path: Path) -> None:
     setup.issuer.logins["sa"] = POD_TOKEN  # a registry that trusts the cluster's tokens
     config = f'[[serviceAccountToken]]\nregistry = "{setup.registry}"\nusername = "sa"\n'
+    before = pod_token_left()
     response = answer(
         provide(tmp_path, config, f"{setup.registry}/team/app", serviceAccountToken=POD_TOKEN)
     )
+    after = pod_token_left()
     login = response["auth"][setup.registry]
     assert login == {"username": "sa", "password": POD_TOKEN}
-    assert 850 <= int(response["cacheDuration"][:-1]) <= 900  # until the token's exp
+    assert after - 1 <= int(response["cacheDuration"][:-1]) <= before  # until the token's exp
     assert pull(f"{setup.registry}/team/app:v1", ("sa", login["password"])).returncode == 0
     assert pull(f"{setup.registry}/team/app:v1", None).returncode != 0
 
@@ -122,6 +133,69 @@ def test_exchange_mints_a_registry_token_once_and_caches_it(setup: Setup, tmp_pa
     (cached,) = (tmp_path / "cache").glob("token-*.json")
     assert cached.stat().st_mode & 0o777 == 0o600
     assert POD_TOKEN.encode() not in cached.read_bytes()
+
+
+def test_a_kept_token_is_answered_with_the_same_margin_as_a_fresh_one(
+    setup: Setup, tmp_path: Path
+) -> None:
+    image = f"{setup.registry}/team/app"
+    config = exchange_config(setup)
+    fresh = answer(provide(tmp_path, config, image, serviceAccountToken=POD_TOKEN))
+    assert fresh["cacheDuration"] == "570s"  # expires_in 600, less the 30 s margin
+    # The next exec finds the token in --cache-dir with 600 s less the time since
+    # minting left: the kubelet must still stop using it 30 s before it expires.
+    (kept,) = (tmp_path / "cache").glob("token-*.json")
+    entry = json.loads(kept.read_text())
+    entry["expires"] = repr(float(entry["expires"]) - 200)  # as if minted 200 s ago
+    kept.write_text(json.dumps(entry))
+    again = answer(provide(tmp_path, config, image, serviceAccountToken=POD_TOKEN))
+    assert again["auth"] == fresh["auth"]
+    assert 365 <= int(again["cacheDuration"][:-1]) <= 370  # 400 s left, less 30 s
+
+
+@pytest.mark.parametrize(
+    "expires_in",
+    ["ten minutes", "", "NaN", "Infinity", "1e999", "-60", 0, -1, True, [600], 10**400],
+)
+def test_an_expires_in_that_is_no_positive_number_is_a_clear_error(
+    setup: Setup, tmp_path: Path, expires_in: object
+) -> None:
+    setup.exchange.expires_in = expires_in
+    try:
+        result = provide(
+            tmp_path, exchange_config(setup), f"{setup.registry}/x", serviceAccountToken=POD_TOKEN
+        )
+    finally:
+        setup.exchange.expires_in = 600
+    assert result.returncode == 1 and result.stdout == b""
+    (line,) = result.stderr.decode().splitlines()
+    assert line == (
+        f"nodeplug-credential-provider: token exchange at {setup.endpoint} answered an "
+        "expires_in that is not a positive number of seconds"
+    )
+    assert not list((tmp_path / "cache").glob("token-*.json"))  # nothing kept
+
+
+@pytest.mark.parametrize(
+    ("expires_in", "answered"), [("900", "870s"), (120.5, "90s"), (None, None)]
+)
+def test_expires_in_as_a_number_string_or_absent(
+    setup: Setup, tmp_path: Path, expires_in: object, answered: str | None
+) -> None:
+    setup.exchange.expires_in = expires_in
+    before = pod_token_left()
+    try:
+        result = provide(
+            tmp_path, exchange_config(setup), f"{setup.registry}/x", serviceAccountToken=POD_TOKEN
+        )
+    finally:
+        setup.exchange.expires_in = 600
+    after = pod_token_left()
+    seconds = int(answer(result)["cacheDuration"][:-1])
+    if answered is None:  # absent: as long as the pod's token, less the margin
+        assert after - 31 <= seconds <= before - 30
+    else:
+        assert f"{seconds}s" == answered
 
 
 def test_no_token_no_exchange(setup: Setup, tmp_path: Path) -> None:

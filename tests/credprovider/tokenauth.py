@@ -157,6 +157,7 @@ class ExchangeServer:
         self.issuer, self.username, self.pod_token = issuer, username, pod_token
         self.forms: list[dict[str, str]] = []
         self.delay = 0.0
+        self.expires_in: object = 600  # what it answers; tests set wrong values
 
     def handler(self) -> type[BaseHTTPRequestHandler]:
         exchange = self
@@ -177,7 +178,7 @@ class ExchangeServer:
                         "access_token": minted,
                         "issued_token_type": "urn:ietf:params:oauth:token-type:access_token",
                         "token_type": "Bearer",
-                        "expires_in": 600,
+                        "expires_in": exchange.expires_in,
                     }
                 send_json(self, status, answer)
 

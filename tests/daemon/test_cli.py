@@ -127,6 +127,10 @@ async def test_sandbox_demonstrates_an_allocation() -> None:
     assert "registered resources" in text
     assert "a pod asks for 1 example.com/widget" in text
     assert "NODEPLUG_EXAMPLE_COM_WIDGET=" in text
+    # The same backend, as a DRA driver: slices published, a claim prepared.
+    assert "widget.example.com  (pool" in text
+    assert "prepared through DRA" in text
+    assert "cdi   example.com/widget=" in text
     assert "sandbox stopped" in text
 
 

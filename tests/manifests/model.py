@@ -23,7 +23,7 @@ DOCKERIGNORE = ROOT / ".dockerignore"
 Document = dict[str, Any]
 CLUSTER_SCOPED = frozenset(
     {"Namespace", "ClusterRole", "ClusterRoleBinding", "CSIDriver", "StorageClass"}
-    | {"VolumeSnapshotClass"}
+    | {"VolumeSnapshotClass", "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}
 )
 
 

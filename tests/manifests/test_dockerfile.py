@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import tomllib
 from fnmatch import translate
 from pathlib import Path
@@ -66,7 +68,7 @@ def test_the_builder_installs_the_project_and_builds_the_zipapp() -> None:
     # ...and the runtime stage has it where the init container copies it from.
     zipapp, _ = model.installs()[model.installed_binary()]
     copies = [model.copy_arguments(rest) for rest in runtime().arguments("COPY")]
-    assert ({"from": "builder"}, [build.group(1)], zipapp) in copies
+    assert ({"from": "builder", "chown": "0:0"}, [build.group(1)], zipapp) in copies
     assert Path(zipapp).name == Path(DEFAULT_OUTPUT).name == model.provider()["name"]
 
 
@@ -135,3 +137,132 @@ def test_the_entrypoint_runs_the_daemon_with_the_mounted_config() -> None:
 def test_the_runtime_runs_as_root_for_the_daemon() -> None:
     # Explicit, with its reasons next to it in the Dockerfile: mounts, loop devices.
     assert runtime().arguments("USER") == ["0:0"]
+
+
+def builder_uid() -> str:
+    runs = " ".join(builder().arguments("RUN"))
+    found = re.search(r"useradd\b[^&]*--uid (\d+) builder", runs)
+    assert found, "the builder user has no fixed uid"
+    return found.group(1)
+
+
+def test_what_the_runtime_takes_from_the_builder_is_owned_by_root() -> None:
+    copies = [model.copy_arguments(rest) for rest in runtime().arguments("COPY")]
+    taken = [options for options, _, _ in copies if "from" in options]
+    assert taken, "the runtime copies nothing from the builder"
+    # Without --chown the files keep the builder's uid, which this image has no user for.
+    assert all(options.get("chown") == "0:0" for options in taken), taken
+
+
+def pip_install() -> tuple[list[dict[str, str]], str]:
+    """The builder's pip install RUN: its --mount options, and its shell command."""
+    (run,) = [rest for rest in builder().arguments("RUN") if "pip install" in rest]
+    words = run.split(" ")
+    mounts = [w.removeprefix("--mount=") for w in words if w.startswith("--mount=")]
+    command = " ".join(w for w in words if not w.startswith("--mount=")).strip()
+    return [dict(o.partition("=")[::2] for o in m.split(",")) for m in mounts], command
+
+
+def test_pips_credentials_and_ca_come_only_from_build_secrets() -> None:
+    mounts, _ = pip_install()
+    assert {m["id"]: m for m in mounts} == {
+        # Readable by the user pip runs as (secrets default to root, mode 0400); optional,
+        # so that a build without them works.
+        "pip.conf": {"type": "secret", "id": "pip.conf", "uid": builder_uid()},
+        "pip-ca": {"type": "secret", "id": "pip-ca", "uid": builder_uid()},
+    }
+    everything = [rest for stage in stages() for _, rest in stage.instructions]
+    # Nothing else touches the secrets' paths (a cp would put them in a layer)...
+    assert sum("/run/secrets" in rest for rest in everything) == 1
+    # ...and no ENV or ARG names pip's config or CA: an ENV persists into the image, and
+    # build arguments are recorded in the build's history.
+    settings = builder().arguments("ENV") + builder().arguments("ARG")
+    assert not [s for s in settings if re.search(r"PIP_(CONFIG_FILE|CERT|CLIENT_CERT)", s)]
+    assert builder().arguments("ARG") == ["PIP_INDEX_URL"]
+    assert not runtime().arguments("ARG")
+
+
+@pytest.mark.parametrize("given", [(), ("pip.conf",), ("pip-ca",), ("pip.conf", "pip-ca")])
+def test_pip_uses_the_secrets_that_were_given_and_only_those(
+    tmp_path: Path, given: tuple[str, ...]
+) -> None:
+    """The RUN's own shell command, under /bin/sh, with a pip that reports what it got."""
+    _, command = pip_install()
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    for name in given:
+        (secrets / name).write_text(f"{name} content\n")
+    pip = tmp_path / "pip"
+    report = tmp_path / "report"
+    pip.write_text(
+        "#!/bin/sh\n"
+        'printf "%s\\n" "config=${PIP_CONFIG_FILE-unset}" "cert=${PIP_CERT-unset}" "$*"'
+        f" > {report}\n"
+    )
+    pip.chmod(0o755)
+    script = command.replace("/run/secrets/", f"{secrets}/").replace(
+        "/opt/nodeplug/bin/pip", str(pip)
+    )
+    environment = {"PATH": "/usr/bin:/bin"}
+    result = subprocess.run(
+        ["/bin/sh", "-c", script],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    config, cert, arguments = report.read_text().splitlines()
+    assert config == (f"config={secrets}/pip.conf" if "pip.conf" in given else "config=unset")
+    assert cert == (f"cert={secrets}/pip-ca" if "pip-ca" in given else "cert=unset")
+    assert arguments == "install --constraint .ci/constraints.txt . tomli"
+
+
+def test_the_readme_shows_the_build_options_the_dockerfile_reads() -> None:
+    readme = (model.ROOT / "README.md").read_text()
+    mounts, _ = pip_install()
+    for mount in mounts:
+        assert f"--secret id={mount['id']},src=" in readme, mount["id"]
+    for argument in builder().arguments("ARG"):
+        assert f"--build-arg {argument}=" in readme, argument
+
+
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def pins(lines: list[str]) -> dict[str, str]:
+    found = {}
+    for raw in lines:
+        line = raw.split("#")[0].strip()
+        if line:
+            name, equals, version = line.partition("==")
+            assert equals and version, f"not an exact pin: {line!r}"
+            found[canonical(name)] = version
+    return found
+
+
+def test_the_constraints_pin_exactly_what_ci_installs() -> None:
+    """The image installs with .ci/constraints.txt: a distribution CI has but the file
+    does not pin (idna, pulled in by yarl, once) could be any version in the image."""
+    frozen = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "freeze",
+            "--exclude-editable",
+            "--disable-pip-version-check",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout.splitlines()
+    installed = pins([line for line in frozen if canonical(line.partition("==")[0]) != "nodeplug"])
+    constraints = pins((model.ROOT / ".ci" / "constraints.txt").read_text().splitlines())
+    missing = {name: v for name, v in installed.items() if name not in constraints}
+    stale = {name: v for name, v in constraints.items() if name not in installed}
+    different = {n: (v, constraints[n]) for n, v in installed.items() if constraints.get(n, v) != v}
+    assert (missing, stale, different) == ({}, {}, {})
