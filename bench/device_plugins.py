@@ -8,8 +8,8 @@
   against a bare grpc.aio stream sending the same prebuilt list.
 - hotplug -> kubelet update: mknod -> the simulated kubelet sees the device, against
   mknod -> a raw inotify event (root only).
-- kubelet restart -> registered: restart -> the plugin registered again, against
-  restart -> a bare client's Register answered (dial-back included).
+
+Kubelet restarts have their own benchmark: bench/kubelet_restart.py.
 
 Ratios near 1 mean nodeplug adds little to what the machine itself costs.
 """
@@ -187,39 +187,6 @@ async def bench_hotplug(root: Path, rounds: int) -> tuple[Timings, Timings]:
     return ours, baseline
 
 
-async def bench_restart(root: Path, rounds: int) -> tuple[Timings, Timings]:
-    async def restart_until(kubelet: FakeKubelet, registered: Callable[[], bool]) -> None:
-        await kubelet.restart()
-        await kubelet.wait_for(lambda _: registered(), timeout=10)
-
-    async with nodeplug(root / "r", {"backend": "simulated", "config": {"count": 8}}) as kubelet:
-        ours = await timed(
-            rounds,
-            lambda: restart_until(kubelet, lambda: RESOURCE in kubelet.clients),
-        )
-    # Baseline: the same restart, then one bare Register round trip (dial-back included).
-    bare_dir = root / "rb" / "device-plugins"
-    async with FakeKubelet(bare_dir) as kubelet:
-        request = api_pb2.RegisterRequest(
-            version="v1beta1", endpoint="bare.sock", resource_name=RESOURCE
-        )
-
-        async def restart_and_register() -> None:
-            await kubelet.restart()
-            async with (
-                bare_server(
-                    bare_dir / "bare.sock",
-                    api_pb2.AllocateResponse(),
-                    api_pb2.ListAndWatchResponse(),
-                ),
-                grpc.aio.insecure_channel(f"unix:{kubelet.socket}") as channel,
-            ):
-                await api_pb2_grpc.RegistrationStub(channel).Register(request)
-
-        baseline = await timed(rounds, restart_and_register)
-    return ours, baseline
-
-
 def row(name: str, ours: Timings, baseline: Timings) -> str:
     p50, p99 = percentile(ours, 0.5), percentile(ours, 0.99)
     b50, b99 = percentile(baseline, 0.5), percentile(baseline, 0.99)
@@ -238,7 +205,6 @@ async def main(rounds: int, devices: int) -> None:
                 f"ListAndWatch first send, {devices} dev",
                 *await bench_list(root, max(5, rounds // 100), devices),
             ),
-            ("kubelet restart -> registered", *await bench_restart(root, max(5, rounds // 100))),
         ]
         if os.geteuid() == 0:
             results.insert(

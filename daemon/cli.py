@@ -43,9 +43,7 @@ def _parser() -> argparse.ArgumentParser:
         "sandbox",
         help="show the three contracts live against a simulated kubelet, in a temporary directory",
     )
-    sandbox.add_argument(
-        "--config", type=Path, help="your config (kubeletDir and stateDir are replaced)"
-    )
+    sandbox.add_argument("--config", type=Path, help="your config (its host paths are replaced)")
     sandbox.add_argument(
         "--once",
         action="store_true",
@@ -78,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(path: Path) -> tuple[configuration.Config, list[Backend]] | None:
+def _load(path: Path) -> tuple[configuration.Config, dict[str, Backend]] | None:
     """The config and its backends, or None after printing why the config is refused."""
     try:
         config = configuration.load(path)

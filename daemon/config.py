@@ -1,6 +1,7 @@
 """The daemon's YAML config: parsed, validated, and every error names its field.
 
-kubeletDir: /var/lib/kubelet      # all kubelet socket paths live below it
+kubeletDir: /var/lib/kubelet       # the kubelet's --root-dir: plugins_registry/, plugins/
+devicePluginDir: /var/lib/kubelet/device-plugins  # kubelet.sock: fixed, whatever the root dir
 stateDir: /var/lib/nodeplug
 http:
   address: "0.0.0.0:9120"          # /metrics, /healthz, /readyz; null turns it off
@@ -16,8 +17,14 @@ devicePlugins:
     config: {paths: ["/dev/widget*"]}
     replicas: 1                    # >1 shares each device among that many containers
     allocationPolicy: spread       # or pack: how replicas are handed out
-    hookTimeout: 10                # seconds a backend's allocate/pre_start may take
-    cdi: false                     # true: containers get devices as CDI names
+    hookTimeout: 10                # seconds a backend's allocate/pre_start may take (pre_start:
+                                   #   also ends before the kubelet's 30 s PreStart deadline)
+    deviceListStrategy: [deviceSpecs]  # how devices reach containers, one or more of:
+                                   #   deviceSpecs (nodes, mounts, env in Allocate's answer),
+                                   #   cdiField (CDI names: kubelet 1.29+, or 1.28 with the
+                                   #   DevicePluginCDIDevices gate), cdiAnnotations (CDI
+                                   #   names in a cdi.k8s.io/ annotation: any kubelet)
+    cdi: false                     # true: the same as deviceListStrategy: [cdiField]
     api: devicePlugin              # or dra, or both: which kubelet API serves the resource
     draDriverName: widget.example.com  # default <name>.<domain> of resourceName
 csi: {...}                         # see csi/config.py
@@ -25,7 +32,8 @@ csi: {...}                         # see csi/config.py
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -40,19 +48,28 @@ from pydantic import (
     StrictInt,
     StrictStr,
     ValidationError,
+    ValidationInfo,
+    field_validator,
     model_validator,
 )
 
 from csi.config import CsiConfig
 from deviceplugin.allocation import Policy
 from deviceplugin.backend import Backend, BackendNotFoundError, load_backend_factory
+from deviceplugin.cdi import CDI_STRATEGIES, DeviceListStrategy
 from deviceplugin.dra import names as dra_names
+from deviceplugin.files import bound_path_length
 from deviceplugin.names import MAX_SOCKET_PATH, resource_name_problem
+from deviceplugin.socketdir import DEVICE_PLUGIN_PATH
 
-DEVICE_PLUGIN_SUBDIR = "device-plugins"
 PLUGIN_REGISTRY_SUBDIR = "plugins_registry"
 # The longest socket name nodeplug puts in the device-plugins directory (hashed names).
 _LONGEST_SOCKET_NAME = len("nodeplug-0123456789abcdef.sock")
+# Far beyond any real config, far below what a recursive YAML composer or validator
+# can take (PyYAML's composer overflows Python's stack at a few hundred levels).
+MAX_NESTING = 64
+# Nodes once YAML aliases are expanded: aliases of aliases grow exponentially.
+MAX_NODES = 100_000
 
 
 class ConfigError(Exception):
@@ -143,6 +160,9 @@ class DevicePluginSpec(_Section):
     replicas: StrictInt = Field(default=1, ge=1, le=1024)
     allocation_policy: Policy = Field(default=Policy.SPREAD, alias="allocationPolicy")
     hook_timeout: float = Field(default=10.0, strict=True, gt=0, le=300, alias="hookTimeout")
+    device_list_strategy: list[DeviceListStrategy] | None = Field(
+        default=None, min_length=1, alias="deviceListStrategy"
+    )
     cdi: StrictBool = False
     api: Api = Api.DEVICE_PLUGIN
     dra_driver_name: Annotated[StrictStr, AfterValidator(_driver_name)] | None = Field(
@@ -173,9 +193,34 @@ class DevicePluginSpec(_Section):
             )
         return self
 
+    @field_validator("device_list_strategy", mode="before")
+    @classmethod
+    def _one_or_a_list(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("device_list_strategy")
+    @classmethod
+    def _each_once(cls, value: list[DeviceListStrategy] | None) -> object:
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError("names a strategy more than once")
+        return value
+
+    @property
+    def strategies(self) -> frozenset[DeviceListStrategy]:
+        if self.device_list_strategy is not None:
+            return frozenset(self.device_list_strategy)
+        if self.cdi:
+            return frozenset({DeviceListStrategy.CDI_FIELD})
+        return frozenset({DeviceListStrategy.DEVICE_SPECS})
+
+    @property
+    def writes_cdi_spec(self) -> bool:
+        return bool(self.strategies & CDI_STRATEGIES)
+
 
 class Config(_Section):
     kubelet_dir: AbsolutePath = Field(default=Path("/var/lib/kubelet"), alias="kubeletDir")
+    device_plugin_dir: AbsolutePath = Field(default=DEVICE_PLUGIN_PATH, alias="devicePluginDir")
     state_dir: AbsolutePath = Field(default=Path("/var/lib/nodeplug"), alias="stateDir")
     http: HttpSpec = Field(default_factory=HttpSpec)
     cdi: CdiSpec = Field(default_factory=CdiSpec)
@@ -187,10 +232,13 @@ class Config(_Section):
     csi: CsiConfig | None = None
     kubeconfig: AbsolutePath | None = None
 
-    @property
-    def device_plugin_dir(self) -> Path:
-        """Where the kubelet's device manager serves kubelet.sock."""
-        return self.kubelet_dir / DEVICE_PLUGIN_SUBDIR
+    @field_validator("http", "node_features", mode="before")
+    @classmethod
+    def _null_turns_off(cls, value: object, info: ValidationInfo) -> object:
+        """`http: null` and `nodeFeatures: null` mean what their null address/file mean."""
+        if value is None:
+            return {"address": None} if info.field_name == "http" else {"file": None}
+        return value
 
     @property
     def device_plugin_socket_dir(self) -> Path:
@@ -203,17 +251,28 @@ class Config(_Section):
     def _check_consistency(self) -> Config:
         seen: dict[str, int] = {}
         for index, spec in enumerate(self.device_plugins):
+            if spec.cdi and spec.device_list_strategy is not None:
+                raise ValueError(
+                    f"devicePlugins[{index}].cdi: give cdi or deviceListStrategy, not both "
+                    "(cdi: true is the same as deviceListStrategy: [cdiField])"
+                )
             if spec.resource_name in seen:
                 raise ValueError(
                     f"devicePlugins[{index}].resourceName: {spec.resource_name!r} is already "
                     f"used by devicePlugins[{seen[spec.resource_name]}]"
                 )
             seen[spec.resource_name] = index
-        longest = len(str(self.device_plugin_socket_dir)) + 1 + _LONGEST_SOCKET_NAME
-        if longest > MAX_SOCKET_PATH:
+        directory = self.device_plugin_socket_dir
+        longest = bound_path_length(directory / ("x" * _LONGEST_SOCKET_NAME))
+        if self.device_plugins and longest > MAX_SOCKET_PATH:
+            field = (
+                "kubeletDir"
+                if self.device_plugin_registration is Registration.PLUGIN_WATCHER
+                else "devicePluginDir"
+            )
             raise ValueError(
-                f"kubeletDir: {str(self.kubelet_dir)!r} is too long; socket paths below it "
-                f"would exceed the {MAX_SOCKET_PATH}-byte Unix socket limit"
+                f"{field}: {str(directory)!r} is too long for device-plugin sockets; their "
+                f"paths would exceed the {MAX_SOCKET_PATH}-byte Unix socket limit"
             )
         return self
 
@@ -235,7 +294,7 @@ class Config(_Section):
                 f"{PLUGIN_REGISTRY_SUBDIR}/{name}-reg.sock",
             )
             for socket in sockets:
-                if len(f"{self.kubelet_dir}/{socket}") > MAX_SOCKET_PATH:
+                if bound_path_length(self.kubelet_dir / socket) > MAX_SOCKET_PATH:
                     raise ValueError(
                         f"devicePlugins[{index}].draDriverName: {socket!r} below kubeletDir "
                         f"would exceed the {MAX_SOCKET_PATH}-byte Unix socket limit"
@@ -248,7 +307,7 @@ class Config(_Section):
             return self
         name = self.csi.driver_name
         for socket in (f"plugins/{name}/csi.sock", f"plugins_registry/{name}-reg.sock"):
-            if len(f"{self.kubelet_dir}/{socket}") > MAX_SOCKET_PATH:
+            if bound_path_length(self.kubelet_dir / socket) > MAX_SOCKET_PATH:
                 raise ValueError(
                     f"csi.driverName: {socket!r} below kubeletDir would exceed the "
                     f"{MAX_SOCKET_PATH}-byte Unix socket limit"
@@ -265,6 +324,9 @@ def confined_to(data: Mapping[str, Any], root: Path) -> dict[str, Any]:
     return {
         **data,
         "kubeletDir": str(root / "kubelet"),
+        # Beside kubeletDir, not in it: as on a node with a non-default --root-dir, so
+        # nothing may find it by way of kubeletDir.
+        "devicePluginDir": str(root / "device-plugins"),
         "stateDir": str(root / "state"),
         "cdi": {"dir": str(root / "cdi")},
         "nodeFeatures": {"file": str(root / "features.d" / "nodeplug")},
@@ -324,35 +386,115 @@ def parse(data: object, source: str = "<config>") -> Config:
         raise ConfigError(source, _problems(error)) from None
 
 
+@dataclass
+class _Node:
+    """A YAML node as its events arrive: what it contains once aliases are expanded."""
+
+    anchor: str | None
+    levels: int  # collections on its deepest path, itself included (a scalar: 0)
+    values: int = 1  # values in it, itself included
+
+
+def _shape_problem(text: str) -> str | None:
+    """Why the document is too deep or too large to load, judged from its event stream.
+
+    PyYAML's parser is iterative but its composer recurses once per level, so a deep
+    document must be refused before it is composed. An alias counts as a copy of its
+    anchor's node, since that is what the loaded data holds.
+    """
+    open_nodes: list[_Node] = []
+    anchors: dict[str, _Node] = {}  # of nodes already read completely
+    values = 0
+
+    def add(node: _Node) -> str | None:
+        """Count a complete node (a scalar, an alias, a closed collection) in its parent."""
+        if open_nodes:
+            parent = open_nodes[-1]
+            parent.levels = max(parent.levels, node.levels + 1)
+            parent.values += node.values
+        if node.anchor is not None:
+            anchors[node.anchor] = node
+        if len(open_nodes) + node.levels > MAX_NESTING:
+            return f"nested more than {MAX_NESTING} levels deep"
+        if values > MAX_NODES:
+            return f"more than {MAX_NODES} values once its aliases are expanded"
+        return None
+
+    for event in yaml.parse(text, Loader=_StrictLoader):
+        problem = None
+        if isinstance(event, yaml.CollectionStartEvent):
+            values += 1
+            open_nodes.append(_Node(event.anchor, levels=1))
+            if len(open_nodes) > MAX_NESTING:
+                problem = f"nested more than {MAX_NESTING} levels deep"
+        elif isinstance(event, yaml.CollectionEndEvent):
+            problem = add(open_nodes.pop())
+        elif isinstance(event, yaml.ScalarEvent):
+            values += 1
+            problem = add(_Node(event.anchor, levels=0))
+        elif isinstance(event, yaml.AliasEvent):
+            target = anchors.get(event.anchor or "")
+            if any(node.anchor == event.anchor for node in open_nodes):
+                problem = f"alias *{event.anchor} refers to a node that contains it"
+            elif target is not None:
+                values += target.values
+                problem = add(_Node(None, target.levels, target.values))
+        if problem is not None:
+            mark = event.start_mark
+            return f"{problem} (line {mark.line + 1})" if mark is not None else problem
+    return None
+
+
 def load(path: Path) -> Config:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(str(path), [f"cannot read the file: {error}"]) from None
     try:
+        problem = _shape_problem(text)
+        if problem is not None:
+            raise ConfigError(str(path), [f"(top level): {problem}"])
         data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as error:
         raise ConfigError(str(path), [f"not valid YAML: {error}"]) from None
     return parse(data, str(path))
 
 
-def create_backends(config: Config, source: str = "<config>") -> list[Backend]:
-    """Instantiate each device plugin's backend; a backend's config errors name their field."""
-    backends = []
+def create_backends(
+    config: Config, source: str = "<config>", only: Collection[str] | None = None
+) -> dict[str, Backend]:
+    """Instantiate device plugins' backends, by resource name; errors name their field.
+
+    `only` limits it to those resources (a reload builds only what it starts). Whatever
+    goes wrong, a backend that fails to import included, is a ConfigError: the config
+    asks for something this node cannot run, and check-config must say so.
+    """
+    backends = {}
     problems = []
     for index, spec in enumerate(config.device_plugins):
+        if only is not None and spec.resource_name not in only:
+            continue
         where = f"devicePlugins[{index}]"
         try:
             factory = load_backend_factory(spec.backend)
         except BackendNotFoundError as error:
             problems.append(f"{where}.backend: {error}")
             continue
+        except Exception as error:  # a vendor package's import can raise anything
+            problems.append(f"{where}.backend: cannot load {spec.backend!r}: {_described(error)}")
+            continue
         try:
-            backends.append(factory(spec.config))
+            backends[spec.resource_name] = factory(spec.config)
         except ValidationError as error:
             problems += [f"{where}.config.{p}" for p in _problems(error)]
         except (ValueError, TypeError) as error:
             problems.append(f"{where}.config: {error}")
+        except Exception as error:  # and so can its factory
+            problems.append(f"{where}.config: backend {spec.backend!r} failed: {_described(error)}")
     if problems:
         raise ConfigError(source, problems)
     return backends
+
+
+def _described(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from daemon.config import Config
@@ -19,6 +19,7 @@ def describe(config: Config) -> list[str]:
     """The plan for a valid config, in the words an admin checks it against."""
     lines = [
         f"kubelet directory   {config.kubelet_dir}",
+        f"device-plugin dir   {config.device_plugin_dir} (the kubelet's kubelet.sock)",
         f"state directory     {config.state_dir}",
         f"HTTP endpoints      {config.http.address or 'off'} (/metrics /healthz /readyz)",
         f"NFD feature file    {config.node_features.file or 'off'}",
@@ -43,7 +44,9 @@ def describe(config: Config) -> list[str]:
         lines.append(
             f"    sharing           {spec.replicas} per device, {spec.allocation_policy.value}"
         )
-        if spec.cdi:
+        strategies = ", ".join(sorted(spec.strategies))
+        lines.append(f"    devices reach     containers by {strategies}")
+        if spec.writes_cdi_spec:
             lines.append(
                 f"    CDI spec          {config.cdi.dir / spec_file_name(spec.resource_name)}"
             )
@@ -75,10 +78,10 @@ async def first_snapshot(backend: Backend, timeout: float) -> list[Device]:
 
 
 async def discover(
-    config: Config, backends: Sequence[Backend], timeout: float
+    config: Config, backends: Mapping[str, Backend], timeout: float
 ) -> dict[str, list[Device]]:
-    snapshots = await asyncio.gather(*(first_snapshot(b, timeout) for b in backends))
     names = [spec.resource_name for spec in config.device_plugins]
+    snapshots = await asyncio.gather(*(first_snapshot(backends[n], timeout) for n in names))
     return dict(zip(names, snapshots, strict=True))
 
 

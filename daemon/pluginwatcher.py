@@ -77,11 +77,16 @@ class RegistrationServicer(api_pb2_grpc.RegistrationServicer):
         context: grpc.aio.ServicerContext[object, object],
     ) -> api_pb2.RegistrationStatusResponse:
         self.verdict = Verdict(request.plugin_registered, request.error)
-        fields = {"plugin": self.info.name, "type": self.info.type}
         if request.plugin_registered:
-            log.info("the kubelet registered the plugin", extra=fields)
+            log.info(
+                "the kubelet registered the plugin",
+                extra={"plugin": self.info.name, "type": self.info.type},
+            )
         else:
-            log.error("the kubelet refused the plugin", extra={**fields, "error": request.error})
+            log.error(
+                "the kubelet refused the plugin",
+                extra={"plugin": self.info.name, "type": self.info.type, "error": request.error},
+            )
         self.changed.set()
         self.changed = asyncio.Event()
         if self.on_verdict is not None:
@@ -120,7 +125,8 @@ class PluginWatcherRegistration:
                     event = await events.get()
                     while not events.empty():
                         events.get_nowait()
-                    log.debug("plugins_registry changed", extra={"name": event.name})
+                    # "name" would clash with LogRecord.name: logging refuses such extras.
+                    log.debug("plugins_registry changed", extra={"entry": event.name})
         finally:
             self.watcher.unsubscribe(events)
             if server is not None:

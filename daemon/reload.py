@@ -2,8 +2,10 @@
 
 A ConfigMap mounted as a volume changes by an atomic swap of its `..data` symlink, an
 editor by writing in place or renaming a temp file over it: watching the directory
-catches all three. A config that fails validation is rejected with its reasons and
-the running one stays in force.
+catches all three. A new config that cannot be built, for whatever reason (validation,
+a backend that fails to import or to start), is rejected with its reasons and the
+running one stays in force: a reload never stops the daemon. Only the backends of
+resources that start anew are built.
 """
 
 from __future__ import annotations
@@ -47,17 +49,28 @@ class ConfigReloader:
 
     async def reload(self, daemon: Daemon) -> str:
         """Load, validate and apply the file; return "applied", "unchanged" or "rejected"."""
+        source = str(self.path)
         try:
             config = configuration.load(self.path)
-            backends = configuration.create_backends(config, str(self.path))
+            if config == daemon.config:
+                backends = None
+            else:
+                starting = daemon.plugins_to_start(config)
+                backends = configuration.create_backends(config, source, only=starting)
         except configuration.ConfigError as error:
             log.error(  # noqa: TRY400 - a bad file is expected input, not a crash to trace
                 "new config rejected; the running config stays in force",
-                extra={"config": str(self.path), "problems": error.problems},
+                extra={"config": source, "problems": error.problems},
+            )
+            result = "rejected"
+        except Exception:
+            log.exception(
+                "new config could not be built; the running config stays in force",
+                extra={"config": source},
             )
             result = "rejected"
         else:
-            if config == daemon.config:
+            if backends is None:
                 result = "unchanged"
             else:
                 await daemon.apply(config, backends)

@@ -2,22 +2,25 @@
 
 - A stale path is removed only if it is a socket: anything else there is an error,
   never something to delete.
-- The socket is bound under a tight umask and chmod-ed, so no other user ever
-  finds it connectable, not even for an instant.
+- No other user ever finds the socket connectable, not even for an instant, and the
+  process umask is never touched: worker threads create files and directories at any
+  moment (state, CDI specs, the NFD file), and the umask is shared by every thread
+  (deviceplugin.files.add_unix_port says how).
 - Whoever stops the server removes its socket.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import stat
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
+
+from deviceplugin.files import add_unix_port
 
 SOCKET_MODE = 0o600
 
@@ -45,15 +48,6 @@ def is_socket(path: Path) -> bool:
         return False
 
 
-@contextlib.contextmanager
-def _umask(mask: int) -> Iterator[None]:
-    old = os.umask(mask)
-    try:
-        yield
-    finally:
-        os.umask(old)
-
-
 class UnixSockets:
     """Serves gRPC on Unix sockets; handed to the plugins, which do not bind sockets themselves.
 
@@ -75,10 +69,14 @@ class UnixSockets:
         server = grpc.aio.server(interceptors=self._interceptors)
         add_services(server)
         health_pb2_grpc.add_HealthServicer_to_server(health_aio.HealthServicer(), server)
-        with _umask(0o777 & ~self.mode):
-            server.add_insecure_port(f"unix:{path}")
-        path.chmod(self.mode)
-        await server.start()
+        add_unix_port(server, path, self.mode)
+        try:
+            await server.start()
+        except BaseException:
+            # Cancelled or failed before the caller holds the server: nobody else
+            # knows this socket exists.
+            remove_socket(path)
+            raise
         return server
 
     async def stop(self, server: grpc.aio.Server, path: Path, grace: float | None) -> None:

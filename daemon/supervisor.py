@@ -64,6 +64,10 @@ class Reloader(Protocol):
     async def run(self, daemon: Daemon) -> None: ...
 
 
+# Backends by resource name, or one per configured device plugin in the config's order.
+Backends = Mapping[str, Backend] | Sequence[Backend]
+
+
 @dataclass
 class _Unit:
     spec: object  # the config it was built from: equal config on reload, unit kept
@@ -76,7 +80,7 @@ class Daemon:
     def __init__(
         self,
         config: Config,
-        backends: Sequence[Backend],
+        backends: Backends,
         sockets: SocketServing | None = None,
         metrics: Metrics | None = None,
     ) -> None:
@@ -89,7 +93,7 @@ class Daemon:
         self.watcher: SocketDirWatcher | None = None
         self.node_features: NodeFeatureFile | None = None
         self.status_server: StatusServer | None = None
-        self._initial_backends = list(backends)
+        self._initial_backends = _by_resource(config, backends)
         self._units: dict[str, _Unit] = {}
         self._tasks: asyncio.TaskGroup | None = None
         self._restarts_seen_before = 0
@@ -104,7 +108,10 @@ class Daemon:
 
     def readiness(self) -> dict[str, bool]:
         """Each component and whether the kubelet has it registered."""
-        ready = {f"device plugin {n}": p.registered.is_set() for n, p in self.plugins.items()}
+        ready = {}
+        if self.watcher is not None and self.watcher.expect_kubelet and self.plugins:
+            ready[f"kubelet ({self.watcher.kubelet_socket})"] = self.watcher.kubelet_present()
+        ready |= {f"device plugin {n}": p.registered.is_set() for n, p in self.plugins.items()}
         ready.update(
             {f"DRA driver {p.driver.settings.driver_name}": p.ready for p in self.dra.values()}
         )
@@ -145,14 +152,7 @@ class Daemon:
         try:
             async with asyncio.TaskGroup() as tasks:
                 self._tasks = tasks
-                backends = dict(
-                    zip(
-                        (s.resource_name for s in self.config.device_plugins),
-                        self._initial_backends,
-                        strict=True,
-                    )
-                )
-                self._initial_backends = []
+                backends, self._initial_backends = self._initial_backends, {}
                 await self._start_units(self.config, backends)
                 if reloader is not None:
                     tasks.create_task(reloader.run(self), name="config reloader")
@@ -165,19 +165,38 @@ class Daemon:
             self.plugins.clear()
             self.dra.clear()
 
-    async def apply(self, config: Config, backends: Sequence[Backend]) -> list[str]:
-        """Switch to a new config, restarting only what changed; return what was restarted."""
+    def plugins_to_start(self, config: Config) -> list[str]:
+        """The resources whose unit apply(config) starts: new or changed ones.
+
+        Only these need a backend: the others keep theirs, sockets and streams included.
+        """
+        base_changed = _base(self.config) != _base(config)
+        starting = []
+        for spec in config.device_plugins:
+            unit = self._units.get(_plugin_key(spec.resource_name))
+            if base_changed or unit is None or unit.spec != _unit_spec(config, spec):
+                starting.append(spec.resource_name)
+        return starting
+
+    async def apply(self, config: Config, backends: Backends) -> list[str]:
+        """Switch to a new config, restarting only what changed; return what was restarted.
+
+        `backends` must hold one for each of plugins_to_start(config); others are unused.
+        """
         old = self.config
-        new_backends = dict(
-            zip((s.resource_name for s in config.device_plugins), backends, strict=True)
-        )
+        starting = self.plugins_to_start(config)
+        by_name = _by_resource(config, backends)
+        missing = [name for name in starting if name not in by_name]
+        if missing:
+            raise ValueError(f"no backend given for {', '.join(missing)}")
+        new_backends = {name: by_name[name] for name in starting}
         new_specs = {spec.resource_name: spec for spec in config.device_plugins}
         base_changed = _base(old) != _base(config)
         stopped = []
         for name in sorted(set(self.plugins) | set(self.dra)):
             key = _plugin_key(name)
             new = new_specs.get(name)
-            if base_changed or self._units[key].spec != _unit_spec(config, new):
+            if name in new_backends or new is None:
                 dra = self.dra.pop(name, None)
                 if dra is not None and (new is None or not new.serves_dra):
                     await dra.uninstall()  # no longer a DRA driver: withdraw its slices
@@ -202,16 +221,14 @@ class Daemon:
         if _NFD not in self._units:
             self.node_features = None
         self.config = config
-        started = await self._start_units(
-            config, {n: b for n, b in new_backends.items() if _plugin_key(n) not in self._units}
-        )
+        started = await self._start_units(config, new_backends)
         log.info("config reloaded", extra={"stopped": stopped, "started": started})
         return sorted(set(stopped) | set(started))
 
     async def _start_units(self, config: Config, backends: Mapping[str, Backend]) -> list[str]:
         """Start every unit of `config` that is not running (on start, and after a reload)."""
         started = []
-        cdi_resources = [s for s in config.device_plugins if s.cdi]
+        cdi_resources = [s for s in config.device_plugins if s.writes_cdi_spec]
         writers = {
             s.resource_name: CdiSpecWriter(config.cdi.dir, s.resource_name) for s in cdi_resources
         }
@@ -227,7 +244,10 @@ class Daemon:
         if config.device_plugins and _WATCHER not in self._units:
             if self.watcher is not None:
                 self._restarts_seen_before += self.watcher.kubelet_starts
-            self.watcher = SocketDirWatcher(config.device_plugin_socket_dir)
+            self.watcher = SocketDirWatcher(
+                config.device_plugin_socket_dir,
+                expect_kubelet=config.device_plugin_registration is Registration.KUBELET,
+            )
             self._start(_WATCHER, None, self.watcher.run())
         for spec in config.device_plugins:
             if _plugin_key(spec.resource_name) in self._units:
@@ -266,6 +286,7 @@ class Daemon:
             spec.allocation_policy,
             spec.hook_timeout,
             cdi_kind=writer.kind if writer is not None else None,
+            strategies=spec.strategies,
         )
         registration = None
         mode = None
@@ -343,9 +364,22 @@ class Daemon:
             self.node_features.changed()
 
 
+def _by_resource(config: Config, backends: Backends) -> dict[str, Backend]:
+    if isinstance(backends, Mapping):
+        return dict(backends)
+    names = (spec.resource_name for spec in config.device_plugins)
+    return dict(zip(names, backends, strict=True))
+
+
 def _base(config: Config) -> tuple[object, ...]:
     """Settings every plugin depends on: a change restarts them all."""
-    return (config.kubelet_dir, config.state_dir, config.device_plugin_registration, config.cdi)
+    return (
+        config.kubelet_dir,
+        config.device_plugin_dir,
+        config.state_dir,
+        config.device_plugin_registration,
+        config.cdi,
+    )
 
 
 def _unit_spec(config: Config, spec: DevicePluginSpec | None) -> object:

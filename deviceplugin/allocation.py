@@ -1,8 +1,19 @@
 """GetPreferredAllocation: which ids the kubelet should give a container.
 
-Rules (kubelet contract): every id in must_include is in the answer, the rest come from
-available, and the answer has exactly allocation_size ids. Preferences, in order:
-healthy devices, one NUMA node, then the sharing policy for replicas: "spread" takes the
+What the kubelet's device manager does with the answer (pkg/kubelet/cm/devicemanager/
+manager.go, devicesToAllocate and callGetPreferredAllocationIfAvailable): it asks with
+`available` = the free healthy devices it knows (those of the NUMA-aligned set, when
+the topology manager has one) plus the ones already chosen for the container, and
+`must_include` = those already chosen; it keeps only the answer's ids that are in its
+own available set and fills any shortfall from that set itself; and an error status
+fails the pod for good (UnexpectedAdmissionError). So the answer never fails a
+request the kubelet can send: ids the plugin does not know (a device removed a moment
+before, which the kubelet has not heard of yet) are chosen last, only to make up the
+size, and everything comes from `available`, `must_include` included.
+
+Rules: every id of must_include that is in available comes first; the rest come from
+available; exactly allocation_size ids. Preferences, in order: known before unknown,
+healthy, one NUMA node, then the sharing policy for replicas: "spread" takes the
 physical device with the fewest replicas in use, "pack" the one with the most.
 """
 
@@ -44,24 +55,27 @@ def preferred_allocation(
     size: int,
     policy: Policy = Policy.SPREAD,
 ) -> list[str]:
-    offered = check_ids("available_deviceIDs", available, units)
-    required = check_ids("must_include_deviceIDs", must_include, units)
+    offered = list(dict.fromkeys(available))  # the kubelet sends sets: repeats mean nothing
+    offered_set = set(offered)
+    required = [i for i in dict.fromkeys(must_include) if i in offered_set]
     if size < 0:
         raise InvalidRequestError(f"allocation_size is {size}; it must not be negative")
     if len(required) > size:
         raise InvalidRequestError(
             f"must_include_deviceIDs has {len(required)} devices, more than allocation_size {size}"
         )
-    required_ids = {unit.id for unit in required}
-    pool = [unit for unit in offered if unit.id not in required_ids]
-    need = size - len(required)
-    if need > len(pool):
+    if size > len(offered):
         raise InvalidRequestError(
-            f"allocation_size {size} needs {need} devices besides must_include_deviceIDs, "
-            f"but only {len(pool)} are available"
+            f"allocation_size {size} is more than the {len(offered)} available_deviceIDs"
         )
-    chosen = _choose(units, pool, required, need, policy)
-    return [unit.id for unit in required] + [unit.id for unit in chosen]
+    required_set = set(required)
+    rest = [i for i in offered if i not in required_set]
+    pool = [units[i] for i in rest if i in units]
+    unknown = [i for i in rest if i not in units]
+    need = size - len(required)
+    known_required = [units[i] for i in required if i in units]
+    chosen = _choose(units, pool, known_required, min(need, len(pool)), policy)
+    return required + [unit.id for unit in chosen] + unknown[: need - len(chosen)]
 
 
 def _choose(

@@ -105,8 +105,9 @@ class Allocator(Protocol):
     async def allocate(self, devices: Sequence[Device]) -> ContainerEdits:
         """Prepare the devices for one container; raise to fail the allocation.
 
-        The kubelet waits for this without a timeout of its own, so the framework
-        bounds it (`allocateTimeout`); keep it fast.
+        The kubelet waits for Allocate without a timeout of its own (pod admission
+        waits with it), so the framework bounds the hook by the resource's
+        `hookTimeout`; keep it fast.
         """
         ...
 
@@ -116,7 +117,12 @@ class PreStarter(Protocol):
     """Optional: the kubelet calls PreStartContainer before each container start."""
 
     async def pre_start(self, devices: Sequence[Device]) -> None:
-        """Reset or initialise the devices; raise to fail the container start."""
+        """Reset or initialise the devices; raise to fail the container start.
+
+        The kubelet gives PreStartContainer 30 s; the hook is cut at `hookTimeout`
+        or shortly before the kubelet's deadline, whichever comes first, so that the
+        kubelet hears why.
+        """
         ...
 
 

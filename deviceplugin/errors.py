@@ -37,13 +37,21 @@ class BackendFailureError(DevicePluginError):
     code = grpc.StatusCode.INTERNAL
 
 
-async def bounded_hook(name: str, call: Awaitable[R], timeout: float) -> R:
-    """Await a vendor hook for at most `timeout` seconds; its failures become ours."""
+async def bounded_hook(
+    name: str, call: Awaitable[R], timeout: float, reason: str | None = None
+) -> R:
+    """Await a vendor hook for at most `timeout` seconds; its failures become ours.
+
+    reason: what set the bound, for the message (hookTimeout, a caller's deadline).
+    """
     try:
         async with asyncio.timeout(timeout):
             return await call
     except TimeoutError as error:
-        raise BackendTimeoutError(f"backend {name} did not finish within {timeout:g}s") from error
+        why = f" ({reason})" if reason else ""
+        raise BackendTimeoutError(
+            f"backend {name} did not finish within {timeout:.3g}s{why}"
+        ) from error
     except Exception as error:
         raise BackendFailureError(f"backend {name} failed: {error}") from error
 

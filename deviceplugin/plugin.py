@@ -36,6 +36,11 @@ REGISTER_TIMEOUT = 15.0
 RETRY_FIRST = 0.05
 RETRY_MAX = 5.0
 SHUTDOWN_GRACE = 1.0
+# A new kubelet.sock is a new kubelet: dial it fresh. grpc keeps subchannels (and their
+# reconnect back-off, 1 s growing to 120 s) in a process-wide pool keyed by target, so
+# a new channel to the same path would inherit the back-off of the dials that failed
+# while the old kubelet was gone, and fail at once without dialing.
+_REGISTER_CHANNEL_OPTIONS = (("grpc.use_local_subchannel_pool", 1),)
 
 
 class SocketServing(Protocol):
@@ -65,6 +70,7 @@ class PluginWatcherMode:
 @dataclass(slots=True)
 class PluginStats:
     registrations: int = 0
+    register_failures: int = 0
     kubelet_restarts_seen: int = 0
     socket_recreations: int = 0
 
@@ -97,12 +103,15 @@ class ResourcePlugin:
         self._plugin_watcher = plugin_watcher
         self._fresh_socket = False
         self._server: grpc.aio.Server | None = None
+        # Replaced servers still shutting down, awaited when the plugin stops.
+        self._retiring: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._need_register = True
         self._first_snapshot = asyncio.Event()
         self._last_register_started = 0.0
         self._not_before = 0.0
         self._quick_stream_losses = 0
+        self._register_failures = 0
         # Streams of a server we stopped end because of us, not because the kubelet left.
         self._ignore_streams_before = 0.0
 
@@ -130,6 +139,7 @@ class ResourcePlugin:
             self._ignore_streams_before = float("inf")
             self.state.close()
             await self._stop_server(SHUTDOWN_GRACE)
+            await asyncio.gather(*self._retiring)
 
     async def _follow_backend(self) -> None:
         await follow_backend(
@@ -158,9 +168,11 @@ class ResourcePlugin:
                 if event.name == KUBELET_SOCKET:
                     self.stats.kubelet_restarts_seen += 1
                     log.info("kubelet (re)started", extra={"resource": self.resource_name})
-                # A new kubelet deserves an answer now, whatever the last one did to streams.
+                # A new kubelet deserves an answer now, whatever the last one did to
+                # streams or to our dials: no back-off carried over.
                 self._not_before = 0.0
                 self._quick_stream_losses = 0
+                self._register_failures = 0
                 self._need_register = True
                 self._wake.set()
             elif event.name == self.socket_path.name and not event.created:
@@ -193,7 +205,6 @@ class ResourcePlugin:
     async def _keep_registered(self) -> None:
         await self._watcher.ready.wait()
         await self._first_snapshot.wait()
-        failures = 0
         while True:
             self._wake.clear()
             if self._server is None or not self._sockets.is_socket(self.socket_path):
@@ -208,8 +219,9 @@ class ResourcePlugin:
                 try:
                     await self._register()
                 except grpc.aio.AioRpcError as error:
-                    failures += 1
-                    delay = min(RETRY_MAX, RETRY_FIRST * 2 ** (failures - 1))
+                    self._register_failures += 1
+                    self.stats.register_failures += 1
+                    delay = min(RETRY_MAX, RETRY_FIRST * 2 ** (self._register_failures - 1))
                     log.warning(
                         "registration with the kubelet failed; retrying",
                         extra={
@@ -221,7 +233,7 @@ class ResourcePlugin:
                     )
                     await self._sleep_unless_woken(delay)
                     continue
-                failures = 0
+                self._register_failures = 0
             await self._wake.wait()
 
     async def _sleep_unless_woken(self, seconds: float) -> None:
@@ -230,14 +242,27 @@ class ResourcePlugin:
                 await self._wake.wait()
 
     async def _restart_server(self) -> None:
+        old = None
         if self._server is not None:
             self.stats.socket_recreations += 1
-            log.info("own socket vanished; recreating it", extra={"socket": str(self.socket_path)})
             self.registered.clear()
-            await self._stop_server(grace=0)
+            if self._sockets.is_socket(self.socket_path):
+                await self._stop_server(grace=0)  # removes the socket: its path is reused
+            else:
+                log.info(
+                    "own socket vanished; recreating it", extra={"socket": str(self.socket_path)}
+                )
+                self._ignore_streams_before = max(self._ignore_streams_before, time.monotonic())
+                old, self._server = self._server, None
         self._server = await self._sockets.serve(self.socket_path, self._add_services)
         self._need_register = True
         self._fresh_socket = True
+        if old is not None:
+            # Its socket is gone (a kubelet restart removes them all): registering with
+            # the new kubelet need not wait for grpc to wind the old server down.
+            retiring = asyncio.create_task(old.stop(grace=0))
+            self._retiring.add(retiring)
+            retiring.add_done_callback(self._retiring.discard)
 
     async def _stop_server(self, grace: float) -> None:
         if self._server is None:
@@ -277,7 +302,9 @@ class ResourcePlugin:
             options=self.servicer.options,
         )
         try:
-            async with grpc.aio.insecure_channel(f"unix:{self.kubelet_socket}") as channel:
+            async with grpc.aio.insecure_channel(
+                f"unix:{self.kubelet_socket}", options=_REGISTER_CHANNEL_OPTIONS
+            ) as channel:
                 await api_pb2_grpc.RegistrationStub(channel).Register(
                     request, timeout=REGISTER_TIMEOUT
                 )

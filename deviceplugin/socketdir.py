@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,13 @@ from asyncinotify import Inotify, Mask
 
 log = logging.getLogger(__name__)
 
+# k8s.io/kubelet pkg/apis/deviceplugin/v1beta1/constants.go, DevicePluginPath: the device
+# manager serves kubelet.sock here whatever the kubelet's --root-dir. k0s moves the root
+# dir to /var/lib/k0s/kubelet and MicroK8s to /var/snap/microk8s/common/var/lib/kubelet;
+# plugins_registry/ and plugins/ move with it, device-plugins/ does not.
+DEVICE_PLUGIN_PATH = Path("/var/lib/kubelet/device-plugins")
 KUBELET_SOCKET = "kubelet.sock"
+_WHERE_HINT = f"the kubelet serves kubelet.sock in {DEVICE_PLUGIN_PATH} whatever its --root-dir"
 _WATCH_MASK = (
     Mask.CREATE | Mask.DELETE | Mask.MOVED_FROM | Mask.MOVED_TO | Mask.DELETE_SELF | Mask.MOVE_SELF
 )
@@ -35,8 +42,17 @@ class SocketEvent:
 
 
 class SocketDirWatcher:
-    def __init__(self, directory: Path) -> None:
+    """Publishes what appears in and vanishes from one directory to every subscriber.
+
+    expect_kubelet: the directory is where the kubelet serves kubelet.sock; say so,
+    once each time the watcher starts waiting for it, since a daemon that waits in
+    silence looks like one that works (a kubelet with another --root-dir still
+    serves it in /var/lib/kubelet/device-plugins).
+    """
+
+    def __init__(self, directory: Path, *, expect_kubelet: bool = False) -> None:
         self.directory = directory
+        self.expect_kubelet = expect_kubelet
         self.ready = asyncio.Event()
         # kubelet.sock created while watching: each one is a kubelet (re)start.
         self.kubelet_starts = 0
@@ -54,6 +70,20 @@ class SocketDirWatcher:
         for queue in self._subscribers:
             queue.put_nowait(event)
 
+    @property
+    def kubelet_socket(self) -> Path:
+        return self.directory / KUBELET_SOCKET
+
+    def kubelet_present(self) -> bool:
+        try:
+            return stat.S_ISSOCK(self.kubelet_socket.lstat().st_mode)
+        except FileNotFoundError:
+            return False
+
+    def _announce_wait(self, message: str) -> None:
+        if self.expect_kubelet and not self.kubelet_present():
+            log.info(message, extra={"socket": str(self.kubelet_socket), "hint": _WHERE_HINT})
+
     async def run(self) -> None:
         with Inotify() as inotify:
             while True:
@@ -61,6 +91,7 @@ class SocketDirWatcher:
                 self.directory.mkdir(mode=0o750, parents=True, exist_ok=True)
                 current = inotify.add_watch(self.directory, _WATCH_MASK)
                 self.ready.set()
+                self._announce_wait("waiting for the kubelet: no kubelet.sock yet")
                 async for event in inotify:
                     if event.watch is not current and not event.mask & Mask.Q_OVERFLOW:
                         continue  # late events of a directory we no longer watch
@@ -74,7 +105,10 @@ class SocketDirWatcher:
                         self._publish(SocketEvent(None, created=False))
                     elif event.name is not None:
                         created = bool(event.mask & (Mask.CREATE | Mask.MOVED_TO))
-                        if created and str(event.name) == KUBELET_SOCKET:
-                            self.kubelet_starts += 1
+                        if str(event.name) == KUBELET_SOCKET:
+                            if created:
+                                self.kubelet_starts += 1
+                            else:
+                                self._announce_wait("waiting for the kubelet: kubelet.sock removed")
                         self._publish(SocketEvent(str(event.name), created))
                 self._publish(SocketEvent(None, created=False))

@@ -30,7 +30,8 @@ CONTAINERD_V3 = "io.containerd.cri.v1.runtime"
 def check(report: Report, config: configuration.Config, source: str, host: Host) -> None:
     section = report.section("devices")
     _check_backends(section, config, source)
-    uses_cdi = any(spec.cdi for spec in config.device_plugins)
+    # DRA drivers always answer with CDI ids; device plugins when a strategy says so.
+    uses_cdi = any(spec.writes_cdi_spec or spec.serves_dra for spec in config.device_plugins)
     _check_spec_dir(section, config.cdi.dir, uses_cdi)
     _check_runtime(section, config.cdi.dir, uses_cdi, host)
 

@@ -20,6 +20,8 @@ import yaml
 from daemon.config import PLUGIN_REGISTRY_SUBDIR, Config, Registration
 from daemon.doctor.report import Report, Section
 from daemon.hostprobe import Host
+from deviceplugin.cdi import DeviceListStrategy
+from deviceplugin.socketdir import DEVICE_PLUGIN_PATH
 
 DEFAULT_ROOT_DIR = Path("/var/lib/kubelet")
 DEFAULT_HEALTHZ = ("127.0.0.1", 10248)
@@ -174,7 +176,7 @@ DRA_DRIVERS = Feature(
 
 def needed_features(config: Config) -> list[Feature]:
     needs = []
-    if any(spec.cdi for spec in config.device_plugins):
+    if any(DeviceListStrategy.CDI_FIELD in spec.strategies for spec in config.device_plugins):
         needs.append(CDI_FIELD)
     if config.device_plugin_registration is Registration.PLUGIN_WATCHER:
         needs.append(PLUGIN_WATCHER_DEVICES)
@@ -231,7 +233,8 @@ def _check_directories(section: Section, config: Config) -> None:
         section.fail(
             "device plugins",
             f"{socket} is not a socket: the kubelet is not running, or this path is not the host's",
-            f"mount the host's {config.device_plugin_dir} at the same path",
+            f"the kubelet serves it in {DEVICE_PLUGIN_PATH} whatever its --root-dir: mount "
+            f"that host directory at devicePluginDir ({config.device_plugin_dir})",
         )
     registry = config.kubelet_dir / PLUGIN_REGISTRY_SUBDIR
     if registry.is_dir():

@@ -153,4 +153,5 @@ def describe_allocation(response: api_pb2.ContainerAllocateResponse) -> list[str
         for m in response.mounts
     ]
     lines += [f"cdi   {c.name}" for c in response.cdi_devices]
+    lines += [f"annot {k}={v}" for k, v in sorted(response.annotations.items())]
     return lines

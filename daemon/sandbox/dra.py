@@ -143,6 +143,7 @@ class DraClaims(Demo):
             edits = cdi_device["containerEdits"]
             lines += [f"  {cdi_device['name']}: env {e}" for e in edits.get("env", [])]
             lines += [
-                f"  {cdi_device['name']}: dev {n['hostPath']}" for n in edits.get("deviceNodes", [])
+                f"  {cdi_device['name']}: dev {n.get('hostPath', n['path'])}"
+                for n in edits.get("deviceNodes", [])
             ]
         return lines

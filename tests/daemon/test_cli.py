@@ -21,6 +21,8 @@ from tests.deviceplugin.backends import ScriptedBackend
 from tests.deviceplugin.conftest import make_config
 
 NODEPLUG = [sys.executable, "-m", "daemon.cli"]
+# Every log call is made at debug level: one that cannot be logged kills the daemon there.
+RUN = [*NODEPLUG, "run", "--log-level", "debug"]
 RESOURCES = ["example.com/one", "example.com/two"]
 
 
@@ -36,15 +38,16 @@ def write_config(root: Path, **extra: object) -> Path:
 
 @contextlib.asynccontextmanager
 async def daemon_process(config: Path) -> AsyncIterator[asyncio.subprocess.Process]:
-    process = await asyncio.create_subprocess_exec(
-        *NODEPLUG, "run", "--config", str(config), stderr=asyncio.subprocess.PIPE
-    )
-    try:
-        yield process
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+    """`nodeplug run` at debug level; its log goes to daemon.log beside the config
+    (a pipe nobody reads would fill up and stall it)."""
+    with (config.parent / "daemon.log").open("wb") as log:
+        process = await asyncio.create_subprocess_exec(*RUN, "--config", str(config), stderr=log)
+        try:
+            yield process
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
 
 
 def sockets_in(directory: Path) -> list[str]:
@@ -54,7 +57,7 @@ def sockets_in(directory: Path) -> list[str]:
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 async def test_signal_stops_cleanly_and_removes_sockets(short_tmp: Path, signum: int) -> None:
     config = write_config(short_tmp)
-    directory = short_tmp / "kubelet" / "device-plugins"
+    directory = short_tmp / "device-plugins"
     async with FakeKubelet(directory) as kubelet, daemon_process(config) as process:
         await kubelet.wait_for(lambda c: set(RESOURCES) <= c.keys(), timeout=20)
         assert len(sockets_in(directory)) == 3
@@ -65,7 +68,7 @@ async def test_signal_stops_cleanly_and_removes_sockets(short_tmp: Path, signum:
 
 async def test_starts_before_the_kubelet_and_registers_when_it_appears(short_tmp: Path) -> None:
     config = write_config(short_tmp)
-    directory = short_tmp / "kubelet" / "device-plugins"
+    directory = short_tmp / "device-plugins"
     async with daemon_process(config) as process:
         await asyncio.sleep(1.0)
         assert process.returncode is None
@@ -94,7 +97,7 @@ async def test_bad_config_exits_2_naming_the_field(
 ) -> None:
     config = write_config(short_tmp, **extra)
     process = await asyncio.create_subprocess_exec(
-        *NODEPLUG, "run", "--config", str(config), stderr=asyncio.subprocess.PIPE
+        *RUN, "--config", str(config), stderr=asyncio.subprocess.PIPE
     )
     _, stderr = await asyncio.wait_for(process.communicate(), timeout=20)
     assert process.returncode == 2
@@ -145,11 +148,37 @@ async def test_check_config_shows_the_plan(short_tmp: Path) -> None:
     assert f"{config}: valid" in stdout
     for name in RESOURCES:
         assert name in stdout
-    assert str(short_tmp / "kubelet" / "device-plugins" / "nodeplug-example.com_one.sock") in stdout
+    assert str(short_tmp / "device-plugins" / "nodeplug-example.com_one.sock") in stdout
     bad = write_config(short_tmp, devicePlugins=[{"resourceName": "x", "backend": "glob"}])
     code, stdout, stderr = await run_cli("check-config", str(bad))
     assert code == 2 and stdout == ""
     assert "devicePlugins[0].resourceName" in stderr
+
+
+async def test_check_config_names_a_backend_that_cannot_load(
+    short_tmp: Path, vendor_site: Path
+) -> None:
+    config = write_config(
+        short_tmp, devicePlugins=[{"resourceName": "a.io/b", "backend": "broken-import"}]
+    )
+    code, stdout, stderr = await run_cli("check-config", str(config))
+    assert (code, stdout) == (2, "")
+    assert stderr.splitlines() == [
+        f"invalid config {config}:",
+        "  devicePlugins[0].backend: cannot load 'broken-import': "
+        "ModuleNotFoundError: No module named 'nodeplug_no_such_sdk'",
+    ]
+
+
+async def test_check_config_refuses_a_deep_document_with_a_message(short_tmp: Path) -> None:
+    deep = short_tmp / "deep.yaml"
+    deep.write_text("devicePlugins: " + "[" * 5000 + "]" * 5000 + "\n")
+    code, stdout, stderr = await run_cli("check-config", str(deep))
+    assert (code, stdout) == (2, "")
+    assert (
+        stderr
+        == f"invalid config {deep}:\n  (top level): nested more than 64 levels deep (line 1)\n"
+    )
 
 
 async def test_devices_lists_what_backends_discover(short_tmp: Path) -> None:

@@ -24,8 +24,26 @@ def test_defaults() -> None:
     assert config.kubelet_dir == Path("/var/lib/kubelet")
     assert config.state_dir == Path("/var/lib/nodeplug")
     assert config.device_plugin_dir == Path("/var/lib/kubelet/device-plugins")
+    # The kubelet's device-plugin directory does not follow its root dir.
+    moved = configuration.parse({"kubeletDir": "/var/lib/k0s/kubelet"})
+    assert moved.device_plugin_dir == Path("/var/lib/kubelet/device-plugins")
     assert config.device_plugins == []
     assert configuration.parse(None) == config
+
+
+@pytest.mark.parametrize(
+    ("entry", "strategies"),
+    [
+        ({}, {"deviceSpecs"}),
+        ({"cdi": True}, {"cdiField"}),
+        ({"deviceListStrategy": "cdiAnnotations"}, {"cdiAnnotations"}),
+        ({"deviceListStrategy": ["cdiField", "deviceSpecs"]}, {"cdiField", "deviceSpecs"}),
+    ],
+)
+def test_device_list_strategies(entry: dict[str, Any], strategies: set[str]) -> None:
+    (spec,) = configuration.parse({"devicePlugins": [{**GOOD_PLUGIN, **entry}]}).device_plugins
+    assert spec.strategies == strategies
+    assert spec.writes_cdi_spec is (strategies != {"deviceSpecs"})
 
 
 def test_full_device_plugin_entry() -> None:
@@ -45,7 +63,19 @@ def test_full_device_plugin_entry() -> None:
     [
         ([], "(top level): must be a mapping"),
         ({"kubeletDir": "relative/dir"}, "kubeletDir: must be an absolute path"),
-        ({"kubeletDir": "/" + "k" * 120}, "kubeletDir: '/kkk"),
+        (
+            {"devicePluginDir": "/" + "d" * 90, "devicePlugins": [GOOD_PLUGIN]},
+            "devicePluginDir: '/ddd",
+        ),
+        (
+            {
+                "kubeletDir": "/" + "k" * 70,
+                "devicePluginRegistration": "pluginWatcher",
+                "devicePlugins": [GOOD_PLUGIN],
+            },
+            "kubeletDir: '/kkk",
+        ),
+        ({"devicePluginDir": "device-plugins"}, "devicePluginDir: must be an absolute path"),
         ({"stateDir": 7}, "stateDir:"),
         ({"devicePlugin": []}, "devicePlugin: unknown field"),
         ({"devicePlugins": {"resourceName": "a/b"}}, "devicePlugins: Input should be a valid list"),
@@ -70,6 +100,22 @@ def test_full_device_plugin_entry() -> None:
         ),
         ({"devicePlugins": [{**GOOD_PLUGIN, "hookTimeout": -1}]}, "devicePlugins[0].hookTimeout:"),
         ({"devicePlugins": [{**GOOD_PLUGIN, "extra": 1}]}, "devicePlugins[0].extra: unknown field"),
+        (
+            {"devicePlugins": [{**GOOD_PLUGIN, "deviceListStrategy": ["envvar"]}]},
+            "devicePlugins[0].deviceListStrategy[0]: Input should be 'deviceSpecs', 'cdiField'",
+        ),
+        (
+            {"devicePlugins": [{**GOOD_PLUGIN, "deviceListStrategy": []}]},
+            "devicePlugins[0].deviceListStrategy: List should have at least 1 item",
+        ),
+        (
+            {"devicePlugins": [{**GOOD_PLUGIN, "deviceListStrategy": ["cdiField", "cdiField"]}]},
+            "devicePlugins[0].deviceListStrategy: names a strategy more than once",
+        ),
+        (
+            {"devicePlugins": [{**GOOD_PLUGIN, "cdi": True, "deviceListStrategy": "cdiField"}]},
+            "devicePlugins[0].cdi: give cdi or deviceListStrategy, not both",
+        ),
         (
             {"devicePlugins": [GOOD_PLUGIN, GOOD_PLUGIN]},
             "devicePlugins[1].resourceName: 'example.com/widget' is already used",
@@ -133,6 +179,66 @@ def test_load_from_file(tmp_path: Path, text: str, expected: str | None) -> None
     assert expected in str(caught.value)
 
 
+def nested(levels: int, inner: str = "1") -> str:
+    return "[" * levels + inner + "]" * levels
+
+
+def doubling(times: int) -> str:
+    """Each anchor holds two copies of the previous one: 2**times values in a few lines."""
+    lines = ["x0: &x0 [1, 2]"]
+    lines += [f"x{i}: &x{i} [*x{i - 1}, *x{i - 1}]" for i in range(1, times + 1)]
+    return "devicePlugins: []\nunused:\n" + "\n".join(f"  {line}" for line in lines) + "\n"
+
+
+PLUGIN_CONFIG = "devicePlugins:\n- resourceName: a.io/b\n  backend: simulated\n  config: "
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (PLUGIN_CONFIG + nested(5000) + "\n", "nested more than 64 levels deep (line 4)"),
+        (PLUGIN_CONFIG + "{a: " * 5000 + "1" + "}" * 5000 + "\n", "nested more than 64"),
+        # The document's own mapping, the list, the plugin and its config: 4 levels.
+        (PLUGIN_CONFIG + "{x: " + nested(60) + "}\n", None),
+        (PLUGIN_CONFIG + "{x: " + nested(61) + "}\n", "nested more than 64"),
+        (
+            "a: &deep " + nested(40) + "\nb: " + nested(30, "*deep") + "\n",
+            "nested more than 64 levels deep (line 2)",
+        ),
+        ("a: &loop [1, *loop]\n", "alias *loop refers to a node that contains it"),
+        (doubling(40), "more than 100000 values once its aliases are expanded"),
+        ("a: *nowhere\n", "not valid YAML"),
+    ],
+)
+def test_deep_or_huge_documents_are_refused(
+    tmp_path: Path, text: str, expected: str | None
+) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    if expected is None:
+        configuration.load(path)
+        return
+    with pytest.raises(configuration.ConfigError) as caught:
+        configuration.load(path)
+    assert expected in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("data", "http", "features"),
+    [
+        ({"nodeFeatures": None}, "0.0.0.0:9120", None),
+        ({"nodeFeatures": {"file": None}}, "0.0.0.0:9120", None),
+        ({"http": None}, None, Path("/etc/kubernetes/node-feature-discovery/features.d/nodeplug")),
+        ({"http": {"address": None}, "nodeFeatures": None}, None, None),
+    ],
+)
+def test_null_turns_http_and_node_features_off(
+    data: dict[str, Any], http: str | None, features: Path | None
+) -> None:
+    config = configuration.parse(data)
+    assert (config.http.address, config.node_features.file) == (http, features)
+
+
 def test_unreadable_file(tmp_path: Path) -> None:
     with pytest.raises(configuration.ConfigError, match="cannot read the file"):
         configuration.load(tmp_path / "missing.yaml")
@@ -169,3 +275,29 @@ def test_property_any_input_is_a_config_or_a_config_error(data: dict[str, Any]) 
         configuration.create_backends(config)
     except configuration.ConfigError as error:
         assert error.problems
+
+
+def host_paths(value: Any, where: str = "") -> dict[str, str]:
+    """Every path-valued setting of a dumped config, by its dotted name."""
+    if isinstance(value, dict):
+        found: dict[str, str] = {}
+        for key, item in value.items():
+            found |= host_paths(item, f"{where}.{key}" if where else key)
+        return found
+    if isinstance(value, str) and value.startswith("/"):
+        return {where: value}
+    return {}
+
+
+def test_confined_to_puts_every_host_path_under_one_root(tmp_path: Path) -> None:
+    """Sandbox and tests must never touch the real kubelet: any path setting added
+    later that confined_to() forgets fails here."""
+    config = configuration.parse(configuration.confined_to({}, tmp_path))
+    paths = host_paths(config.model_dump(by_alias=True, mode="json"))
+    assert {"kubeletDir", "devicePluginDir", "stateDir", "cdi.dir", "nodeFeatures.file"} <= set(
+        paths
+    )
+    outside = {k: v for k, v in paths.items() if not Path(v).is_relative_to(tmp_path)}
+    assert outside == {}
+    # The device-plugin directory is not found by way of kubeletDir.
+    assert not config.device_plugin_dir.is_relative_to(config.kubelet_dir)

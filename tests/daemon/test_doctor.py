@@ -217,6 +217,7 @@ def node(short_tmp: Path, healthz: int, zipapp: Path) -> Node:
     }))  # fmt: skip
     write(made.config, yaml.safe_dump({
         "kubeletDir": str(made.kubelet_dir),
+        "devicePluginDir": str(made.kubelet_dir / "device-plugins"),
         "stateDir": str(made.state),
         "cdi": {"dir": str(cdi)},
         "devicePlugins": [{

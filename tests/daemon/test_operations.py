@@ -20,6 +20,7 @@ from daemon import logs
 from daemon.supervisor import Daemon
 from deviceplugin.backend import Device, DeviceNode, Mount
 from deviceplugin.testkit import FakeKubelet
+from deviceplugin.testruntime import parse_version, spec_problem
 from tests.deviceplugin.backends import ScriptedBackend, device
 from tests.deviceplugin.conftest import make_config, running
 
@@ -87,7 +88,10 @@ async def test_readyz_follows_registration_and_healthz_does_round_trips(short_tm
     async with running(config, [ScriptedBackend([device("a")])]) as daemon:
         status, body = await get(daemon, "/readyz")
         assert status == 503
-        assert json.loads(body)["waiting_for"] == [f"device plugin {RESOURCE}"]
+        assert json.loads(body)["waiting_for"] == [
+            f"device plugin {RESOURCE}",
+            f"kubelet ({config.device_plugin_dir / 'kubelet.sock'})",
+        ]
         async with FakeKubelet(config.device_plugin_dir) as kubelet:
             await kubelet.wait_for_devices(RESOURCE, lambda d: len(d) == 1)
             status, body = await get(daemon, "/readyz")
@@ -101,6 +105,41 @@ async def test_readyz_follows_registration_and_healthz_does_round_trips(short_tm
             status, body = await get(daemon, "/healthz")
             assert status == 503
             assert list(json.loads(body)["problems"]) == [str(gone)]
+
+
+async def test_waiting_for_the_kubelet_is_said_once_and_where(
+    short_tmp: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = make_config(short_tmp, SPEC, {**SPEC, "resourceName": "acme.example/dsp"})
+    socket = config.device_plugin_dir / "kubelet.sock"
+
+    def waiting() -> list[str]:
+        return [
+            r.getMessage()
+            for r in caplog.records
+            if r.getMessage().startswith("waiting for the kubelet")
+            and getattr(r, "socket", None) == str(socket)
+            and r.levelno == logging.INFO
+        ]
+
+    async with running(config, [ScriptedBackend([device("a")]), ScriptedBackend()]) as daemon:
+        async with asyncio.timeout(5):
+            while daemon.watcher is None:  # noqa: ASYNC110 - made once the daemon task runs
+                await asyncio.sleep(0)
+            await daemon.watcher.ready.wait()
+        assert waiting() == ["waiting for the kubelet: no kubelet.sock yet"]
+        async with FakeKubelet(config.device_plugin_dir) as kubelet:
+            await kubelet.wait_for_devices(RESOURCE, lambda d: len(d) == 1)
+            assert len(waiting()) == 1
+            events = daemon.watcher.subscribe()
+            await kubelet.stop()  # the kubelet's listener removes kubelet.sock
+            while (await events.get()).name != "kubelet.sock":
+                pass
+            daemon.watcher.unsubscribe(events)
+        assert waiting() == [
+            "waiting for the kubelet: no kubelet.sock yet",
+            "waiting for the kubelet: kubelet.sock removed",
+        ]
 
 
 async def test_a_backend_still_discovering_is_unready_but_alive(short_tmp: Path) -> None:
@@ -159,9 +198,11 @@ async def test_log_lines_of_a_call_carry_its_request_id(
 
 
 def check_cdi_spec(document: dict[str, object]) -> None:
-    """The shape of a CDI spec (cdiVersion 0.6.0): what runtimes' parsers require."""
+    """A CDI spec the runtimes' parsers take: the fields they know, at the lowest version."""
     assert set(document) <= {"cdiVersion", "kind", "annotations", "devices", "containerEdits"}
-    assert re.fullmatch(r"0\.[6-9]\.[0-9]+", str(document["cdiVersion"]))
+    version = parse_version(str(document["cdiVersion"]))
+    assert spec_problem(document, version) is None
+    assert spec_problem(document, (0, version[1] - 1, 0)) is not None or version == (0, 3, 0)
     vendor, _, klass = str(document["kind"]).partition("/")
     assert re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", vendor)
     assert re.fullmatch(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?", klass)
@@ -174,7 +215,7 @@ def check_cdi_spec(document: dict[str, object]) -> None:
         assert set(edits) <= {"env", "deviceNodes", "mounts", "hooks", "additionalGids", "intelRdt"}
         assert all(re.fullmatch(r"[^=]+=.*", e) for e in edits.get("env", []))
         for node in edits.get("deviceNodes", []):
-            assert node["path"].startswith("/") and node["hostPath"].startswith("/")
+            assert node["path"].startswith("/") and node.get("hostPath", "/").startswith("/")
             assert set(node["permissions"]) <= set("rwm")
         for mount in edits.get("mounts", []):
             assert mount["hostPath"].startswith("/") and mount["containerPath"].startswith("/")

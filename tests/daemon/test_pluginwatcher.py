@@ -138,10 +138,11 @@ async def test_the_kubelets_watcher_discovers_the_socket(short_tmp: Path) -> Non
         inotify.add_watch(registry, Mask.CREATE | Mask.MOVED_TO)
         async with registration(short_tmp) as plugin:
             async with asyncio.timeout(5):
-                event = await anext(aiter(inotify))
-            assert event.name is not None
-            assert event.name.name == plugin.socket_path.name
-            assert not event.name.name.startswith(".")
+                async for event in inotify:
+                    assert event.name is not None
+                    if not event.name.name.startswith("."):  # what the kubelet skips
+                        assert event.name.name == plugin.socket_path.name
+                        break
             assert stat.S_ISSOCK(plugin.socket_path.lstat().st_mode)
             found = [e.name for e in registry.iterdir() if stat.S_ISSOCK(e.lstat().st_mode)]
             assert found == [plugin.socket_path.name]

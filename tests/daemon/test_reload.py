@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from daemon import config as configuration
@@ -109,34 +110,42 @@ async def test_a_changed_file_is_picked_up_by_itself(short_tmp: Path, kubelet: F
         assert registrations(kubelet, A) == 1
 
 
-async def test_sighup_reloads_the_running_process(short_tmp: Path, kubelet: FakeKubelet) -> None:
-    path = short_tmp / "config.yaml"
-    write(path, short_tmp, plugin(A))
+@contextlib.asynccontextmanager
+async def nodeplug_run(config: Path) -> AsyncIterator[asyncio.subprocess.Process]:
+    """`nodeplug run --log-level debug` as a process, killed if the test leaves it running."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "daemon.cli",
-        "run",
-        "--config",
-        str(path),
+        *(sys.executable, "-m", "daemon.cli", "run", "--log-level", "debug"),
+        *("--config", str(config)),
         stderr=asyncio.subprocess.PIPE,
     )
     try:
-        await kubelet.wait_for(lambda c: A in c, timeout=20)
-        process.send_signal(signal.SIGHUP)
-        assert process.stderr is not None
-        async with asyncio.timeout(10):
-            async for line in process.stderr:
-                entry = json.loads(line)
-                if entry["msg"] == "config reload":
-                    assert entry["result"] == "unchanged"
-                    break
-        process.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(process.wait(), 10) == 0
+        yield process
     finally:
         if process.returncode is None:
             os.kill(process.pid, signal.SIGKILL)
             await process.wait()
+
+
+async def next_reload_result(process: asyncio.subprocess.Process) -> str:
+    """The result of the next reload the process logs."""
+    assert process.stderr is not None
+    async with asyncio.timeout(10):
+        async for line in process.stderr:
+            entry = json.loads(line)
+            if entry["msg"] == "config reload":
+                return str(entry["result"])
+    raise AssertionError("the process ended without logging a reload")
+
+
+async def test_sighup_reloads_the_running_process(short_tmp: Path, kubelet: FakeKubelet) -> None:
+    path = short_tmp / "config.yaml"
+    write(path, short_tmp, plugin(A))
+    async with nodeplug_run(path) as process:
+        await kubelet.wait_for(lambda c: A in c, timeout=20)
+        process.send_signal(signal.SIGHUP)
+        assert await next_reload_result(process) == "unchanged"
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 10) == 0
 
 
 def running_extras(daemon: Daemon) -> tuple[bool, bool]:
@@ -163,3 +172,81 @@ async def test_http_settings_reload_without_touching_plugins(
         assert running_extras(daemon) == (True, True)
         assert kubelet.client(A) is stream_of_a
         assert registrations(kubelet, A) == 1
+
+
+@pytest.mark.parametrize(
+    ("backend", "problem"),
+    [
+        (
+            "broken-import",
+            "devicePlugins[1].backend: cannot load 'broken-import': "
+            "ModuleNotFoundError: No module named 'nodeplug_no_such_sdk'",
+        ),
+        (
+            "exploding",
+            "devicePlugins[1].config: backend 'exploding' failed: "
+            "RuntimeError: SDK not initialised",
+        ),
+    ],
+)
+async def test_a_config_that_cannot_be_built_keeps_the_running_one(
+    short_tmp: Path, kubelet: FakeKubelet, vendor_site: Path, backend: str, problem: str
+) -> None:
+    path = short_tmp / "config.yaml"
+    write(path, short_tmp, plugin(A))
+    async with reloading(path) as (daemon, reloader):
+        await kubelet.wait_for(lambda c: A in c and c[A].updates > 0)
+        stream_of_a = kubelet.client(A)
+        running_config = daemon.config
+        write(path, short_tmp, plugin(A), {"resourceName": C, "backend": backend})
+        with pytest.raises(configuration.ConfigError) as caught:
+            configuration.create_backends(configuration.load(path))
+        assert caught.value.problems == [problem]
+        assert await reloader.reload(daemon) == "rejected"
+        assert daemon.config is running_config
+        assert kubelet.client(A) is stream_of_a and daemon.ready
+        # Still alive and still reloading.
+        write(path, short_tmp, plugin(A), plugin(C))
+        assert await reloader.reload(daemon) == "applied"
+        await kubelet.wait_for(lambda c: C in c)
+        assert registrations(kubelet, A) == 1
+
+
+def counted(tag: str, log: Path, **extra: Any) -> dict[str, Any]:
+    config = {"tag": tag, "log": str(log)}
+    return {"resourceName": tag, "backend": "counting", "config": config, **extra}
+
+
+async def test_reload_builds_only_the_backends_it_starts(
+    short_tmp: Path, kubelet: FakeKubelet, vendor_site: Path
+) -> None:
+    log = short_tmp / "built"
+    path = short_tmp / "config.yaml"
+    write(path, short_tmp, counted(A, log), counted(B, log))
+    async with reloading(path) as (daemon, reloader):
+        await kubelet.wait_for(lambda c: {A, B} <= c.keys())
+        assert log.read_text().split() == [A, B]
+        write(path, short_tmp, counted(A, log), counted(B, log, replicas=2), counted(C, log))
+        assert await reloader.reload(daemon) == "applied"
+        await kubelet.wait_for(lambda c: C in c and len(c[B].devices) == 4)
+        assert log.read_text().split() == [A, B, B, C]
+        assert await reloader.reload(daemon) == "unchanged"
+        write(path, short_tmp, counted(A, log), counted(C, log))
+        assert await reloader.reload(daemon) == "applied"
+        assert log.read_text().split() == [A, B, B, C]
+        assert registrations(kubelet, A) == 1
+
+
+async def test_a_broken_backend_in_a_reload_never_stops_the_process(
+    short_tmp: Path, kubelet: FakeKubelet, vendor_site: Path
+) -> None:
+    path = short_tmp / "config.yaml"
+    write(path, short_tmp, plugin(A))
+    async with nodeplug_run(path) as process:
+        await kubelet.wait_for(lambda c: A in c, timeout=20)
+        write(path, short_tmp, plugin(A), {"resourceName": C, "backend": "broken-import"})
+        assert await next_reload_result(process) == "rejected"
+        assert process.returncode is None
+        assert A in kubelet.clients
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 10) == 0

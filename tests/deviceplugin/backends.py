@@ -44,6 +44,8 @@ class AllocatingBackend(ScriptedBackend):
         self.fail_with: Exception | None = None
         self.allocated: list[list[str]] = []
         self.pre_started: list[list[str]] = []
+        # Set when a pre_start call was cancelled (cut by a timeout) while it waited.
+        self.pre_start_cancelled = asyncio.Event()
 
     async def allocate(self, devices: Sequence[Device]) -> ContainerEdits:
         await asyncio.sleep(self.delay)
@@ -57,7 +59,11 @@ class AllocatingBackend(ScriptedBackend):
         )
 
     async def pre_start(self, devices: Sequence[Device]) -> None:
-        await asyncio.sleep(self.delay)
+        try:
+            await asyncio.sleep(self.delay)
+        except asyncio.CancelledError:
+            self.pre_start_cancelled.set()
+            raise
         self.pre_started.append([d.id for d in devices])
 
 

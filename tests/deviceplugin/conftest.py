@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from daemon import config as configuration
-from daemon.supervisor import Daemon
-from deviceplugin.backend import Backend
+from daemon.supervisor import Backends, Daemon
 
 
 def make_config(root: Path, *plugins: dict[str, Any]) -> configuration.Config:
@@ -19,7 +18,7 @@ def make_config(root: Path, *plugins: dict[str, Any]) -> configuration.Config:
 
 @contextlib.asynccontextmanager
 async def running(
-    config: configuration.Config, backends: Sequence[Backend] | None = None
+    config: configuration.Config, backends: Backends | None = None
 ) -> AsyncIterator[Daemon]:
     """Run a Daemon in this loop for the block; stop it and check it stopped cleanly."""
     if backends is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import stat
 import time
 from pathlib import Path
@@ -11,7 +12,7 @@ import grpc
 import pytest
 
 from deviceplugin.backend import Device
-from deviceplugin.testkit import FakeKubelet
+from deviceplugin.testkit import AdmissionError, FakeKubelet
 from deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
 from tests.deviceplugin.backends import AllocatingBackend, CheckedBackend, ScriptedBackend, device
 from tests.deviceplugin.conftest import make_config, running
@@ -193,6 +194,40 @@ async def test_allocator_hook_failures_are_bounded_errors(
         assert message in (caught.value.details() or "")
 
 
+async def test_pre_start_is_cut_before_the_kubelets_deadline(
+    short_tmp: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The kubelet gives PreStartContainer 30 s whatever hookTimeout says (here 300 s):
+    the hook must be cut in time for the kubelet to hear why, not run on unheard."""
+    backend = AllocatingBackend([device("fpga0")], delay=60.0)
+    config = make_config(short_tmp, {**SPEC, "hookTimeout": 300})
+    async with (
+        FakeKubelet(config.device_plugin_dir, pre_start_timeout=0.5) as kubelet,
+        running(config, [backend]),
+    ):
+        await registered(kubelet, count=1)
+        started = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await kubelet.pre_start(RESOURCE, ["fpga0"])
+        assert time.monotonic() - started < 0.5
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "backend pre_start did not finish within 0.4" in (caught.value.details() or "")
+        assert "before the caller's deadline" in (caught.value.details() or "")
+        await asyncio.wait_for(backend.pre_start_cancelled.wait(), 5)
+    assert "longer than the kubelet's PreStartContainer timeout" in caplog.text
+
+
+async def test_the_kubelet_gives_pre_start_thirty_seconds(
+    short_tmp: Path, kubelet: FakeKubelet
+) -> None:
+    backend = AllocatingBackend([device("fpga0")], delay=0.3)
+    async with running(make_config(short_tmp, {**SPEC, "hookTimeout": 300}), [backend]):
+        await registered(kubelet, count=1)
+        assert kubelet.pre_start_timeout == 30.0
+        await kubelet.pre_start(RESOURCE, ["fpga0"])
+        assert backend.pre_started == [["fpga0"]]
+
+
 async def test_preferred_allocation_over_the_wire(short_tmp: Path, kubelet: FakeKubelet) -> None:
     backend = ScriptedBackend([device(f"d{i}", numa=i % 2) for i in range(6)])
     async with running(make_config(short_tmp, SPEC), [backend]):
@@ -204,6 +239,36 @@ async def test_preferred_allocation_over_the_wire(short_tmp: Path, kubelet: Fake
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await kubelet.preferred_allocation(RESOURCE, ["d0"], [], 2)
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize(
+    ("left", "count", "expected"),
+    [
+        # The kubelet still offers "a"; a pod that fits on what is left gets it.
+        (["b", "c"], 2, {"/dev/b", "/dev/c"}),
+        (["b", "c"], 1, {"/dev/b"}),
+        # A pod that does not fit any more fails, as it would have a moment later.
+        (["c"], 2, None),
+    ],
+)
+async def test_a_device_removed_just_before_admission_fails_no_pod_that_fits(
+    short_tmp: Path, kubelet: FakeKubelet, left: list[str], count: int, expected: set[str] | None
+) -> None:
+    backend = ScriptedBackend([device("a"), device("b"), device("c")])
+    async with running(make_config(short_tmp, SPEC), [backend]) as daemon:
+        await registered(kubelet, count=3)
+        state = daemon.plugins[RESOURCE].state
+        async with kubelet.updates_held():
+            version = state.version
+            backend.publish([device(i) for i in left])
+            await state.wait_newer(version)
+            assert sorted(kubelet.client(RESOURCE).devices) == ["a", "b", "c"]
+            if expected is None:
+                with pytest.raises(AdmissionError, match=r"Allocate rpc failed .*unknown device"):
+                    await kubelet.admit(RESOURCE, count)
+                return
+            container = await kubelet.admit(RESOURCE, count)
+        assert {d.host_path for d in container.devices} == expected
 
 
 async def test_replicas_share_a_device(short_tmp: Path, kubelet: FakeKubelet) -> None:
@@ -244,13 +309,43 @@ async def test_kubelet_restart_means_register_again_within_a_second(
         assert daemon.plugins[RESOURCE].stats.socket_recreations == 3
 
 
+async def test_a_new_kubelet_is_dialled_fresh_without_the_old_ones_back_off(
+    short_tmp: Path, kubelet: FakeKubelet
+) -> None:
+    """systemd restarts a kubelet by killing it: its kubelet.sock stays behind and
+    refuses every dial until the new kubelet serves a new one. The dials that failed
+    meanwhile must not delay the registration with the new kubelet. grpc keeps one
+    subchannel per target for the whole process, with a reconnect back-off (1 s, then
+    growing); while any channel to kubelet.sock holds it (here one opened by the test,
+    on a node another resource's dial in flight) a new channel inherits the back-off
+    and fails without dialing."""
+    config = make_config(short_tmp, SPEC)
+    async with running(config, [ScriptedBackend([device("a")])]) as daemon:
+        await registered(kubelet, count=1)
+        async with grpc.aio.insecure_channel(f"unix:{kubelet.socket}") as other:
+            for restart in range(3):
+                await kubelet.stop(killed=True)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(other.channel_ready(), 0.05)  # refused
+                await asyncio.sleep(0.2)  # the kubelet starting; every dial fails
+                started = time.monotonic()
+                await kubelet.start(clean=True)
+                await registered(kubelet, count=1)
+                assert time.monotonic() - started < 0.5, f"restart {restart}"
+        assert daemon.plugins[RESOURCE].stats.register_failures >= 3
+
+
 async def test_own_socket_removed_is_recreated(short_tmp: Path, kubelet: FakeKubelet) -> None:
     config = make_config(short_tmp, SPEC)
     async with running(config, [ScriptedBackend([device("a")])]):
         await registered(kubelet, count=1)
-        socket = config.device_plugin_dir / kubelet.client(RESOURCE).endpoint
+        first = kubelet.client(RESOURCE)
+        socket = config.device_plugin_dir / first.endpoint
         socket.unlink()
-        await kubelet.wait_for(lambda _: socket.exists() and len(kubelet.register_requests) == 2)
+        await kubelet.wait_for(
+            lambda c: c.get(RESOURCE) not in (None, first) and c[RESOURCE].updates > 0
+        )
+        assert socket.exists() and len(kubelet.register_requests) == 2
         response = await kubelet.allocate(RESOURCE, [["a"]])
         assert response.container_responses[0].devices[0].host_path == "/dev/a"
 

@@ -17,7 +17,6 @@ import pytest
 from credprovider.__main__ import _options
 from daemon import config as daemon_config
 from daemon.cli import DEFAULT_CONFIG
-from daemon.config import DEVICE_PLUGIN_SUBDIR
 from daemon.csiplugin import CSI_PLUGIN_SUBDIR
 from daemon.csiplugin import SHUTDOWN_GRACE as CSI_GRACE
 from daemon.pluginwatcher import REGISTRY_SUBDIR
@@ -27,7 +26,8 @@ from tests.manifests import model
 
 SIDECARS = ("csi-provisioner", "csi-snapshotter")
 # Keys of the daemon's config that the manifests depend on, spelt out in the ConfigMap.
-DEPENDED_ON = ["kubeletDir", "stateDir", "http.address", "cdi.dir", "nodeFeatures.file"]
+DEPENDED_ON = ["kubeletDir", "devicePluginDir", "stateDir", "http.address", "cdi.dir"]
+DEPENDED_ON += ["nodeFeatures.file"]
 DEPENDED_ON += ["csi.driverName", "csi.pool.path", "csi.pool.image"]
 # Seconds for Python to unwind the task group and exit once the servers have stopped.
 EXIT_HEADROOM = 5
@@ -122,7 +122,7 @@ def daemon_paths() -> list[str]:
     kubelet_dir = setting("kubeletDir")
     return [
         kubelet_dir,
-        f"{kubelet_dir}/{DEVICE_PLUGIN_SUBDIR}",
+        setting("devicePluginDir"),
         f"{kubelet_dir}/{REGISTRY_SUBDIR}",
         str(Path(csi_socket()).parent),
         setting("stateDir"),
