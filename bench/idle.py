@@ -40,8 +40,11 @@ asyncio.run(main())
 
 
 @contextlib.asynccontextmanager
-async def process(*argv: str) -> AsyncIterator[psutil.Process]:
-    child = await asyncio.create_subprocess_exec(*argv, stderr=asyncio.subprocess.DEVNULL)
+async def process(*argv: str, stderr: Path | None = None) -> AsyncIterator[psutil.Process]:
+    """Run argv; its stderr (the daemon's log) goes to the file `stderr`, or nowhere."""
+    with contextlib.ExitStack() as files:  # the child has its own copy of the descriptor
+        log = files.enter_context(stderr.open("wb")) if stderr else asyncio.subprocess.DEVNULL
+        child = await asyncio.create_subprocess_exec(*argv, stderr=log)
     try:
         yield psutil.Process(child.pid)
     finally:

@@ -29,7 +29,7 @@ from asyncinotify import Inotify, Mask, Watch
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from deviceplugin.backend import Device, DeviceNode
-from deviceplugin.backends.common import check_permissions, device_id, numa_node_of
+from deviceplugin.backends.common import NumaNodes, check_permissions, device_id
 
 log = logging.getLogger(__name__)
 
@@ -83,37 +83,40 @@ class GlobBackend:
         self._dir_patterns = sorted({d for dirs, _ in levels for d in dirs})
         self._entry_patterns = sorted({e for _, entries in levels for e in entries})
 
-    def _device(self, name: str, path: str, rdev: int, kind: str) -> Device:
+    def _device(self, name: str, path: str, numa_node: int | None) -> Device:
         container_path = None
         if self.config.container_dir is not None:
-            container_path = f"{self.config.container_dir}/{Path(path).name}"
-        sys_path = Path(f"/sys/dev/{kind}/{os.major(rdev)}:{os.minor(rdev)}")
-        with contextlib.suppress(OSError):
-            sys_path = sys_path.resolve(strict=True)
+            container_path = f"{self.config.container_dir}/{path.rpartition('/')[2]}"
         return Device(
             id=device_id(name.replace("/", "-")),
-            numa_node=numa_node_of(sys_path),
+            numa_node=numa_node,
             device_nodes=(DeviceNode(path, container_path, self.config.permissions),),
         )
 
     def scan(self) -> list[Device]:
+        # Plain strings and os calls: a scan may meet tens of thousands of nodes.
+        numa = NumaNodes()
         devices: dict[str, Device] = {}
         for pattern in self.config.paths:
             base = _static_base(pattern)
+            prefix = base if base.endswith("/") else f"{base}/"
             for path in sorted(glob.glob(pattern)):
                 try:
-                    mode = Path(path).stat()
+                    status = os.stat(path)  # noqa: PTH116 - no Path object per node
                 except OSError:
                     continue  # removed while we looked
-                if stat.S_ISCHR(mode.st_mode):
+                if stat.S_ISCHR(status.st_mode):
                     kind = "char"
-                elif stat.S_ISBLK(mode.st_mode):
+                elif stat.S_ISBLK(status.st_mode):
                     kind = "block"
                 else:
                     continue
-                device = self._device(os.path.relpath(path, base), path, mode.st_rdev, kind)
+                numa_node = numa.of_number(kind, status.st_rdev)
+                # glob keeps the pattern's literal prefix as it is written
+                name = path.removeprefix(prefix)
+                device = self._device(name, path, numa_node)
                 if device.id in devices:  # two patterns, same relative name: use the whole path
-                    device = self._device(path.lstrip("/"), path, mode.st_rdev, kind)
+                    device = self._device(path.lstrip("/"), path, numa_node)
                 devices.setdefault(device.id, device)
         return list(devices.values())
 
