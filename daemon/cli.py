@@ -10,12 +10,15 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from daemon import config as configuration
-from daemon import doctor, inspection, logs, sandbox
-from daemon.reload import ConfigReloader
-from daemon.supervisor import Daemon
-from deviceplugin.backend import Backend
+from daemon import logs
+
+if TYPE_CHECKING:
+    from daemon.reload import ConfigReloader
+    from daemon.supervisor import Daemon
+    from deviceplugin.backend import Backend
 
 log = logging.getLogger("nodeplug")
 
@@ -95,7 +98,14 @@ async def _serve(daemon: Daemon, reloader: ConfigReloader) -> None:
     await daemon.run(stop, reloader)
 
 
+# Each command imports what only it needs: `nodeplug run` stays resident on every
+# node, and its memory is what it imports (the sandbox and doctor are not for it).
+
+
 def run(config_path: Path) -> int:
+    from daemon.reload import ConfigReloader  # noqa: PLC0415
+    from daemon.supervisor import Daemon  # noqa: PLC0415
+
     if (loaded := _load(config_path)) is None:
         return EXIT_BAD_CONFIG
     config, backends = loaded
@@ -108,6 +118,8 @@ def run(config_path: Path) -> int:
 
 
 def check_config(config_path: Path) -> int:
+    from daemon import inspection  # noqa: PLC0415
+
     if (loaded := _load(config_path)) is None:
         return EXIT_BAD_CONFIG
     print(f"{config_path}: valid")
@@ -116,6 +128,8 @@ def check_config(config_path: Path) -> int:
 
 
 def show_devices(config_path: Path, output: str, timeout: float) -> int:
+    from daemon import inspection  # noqa: PLC0415
+
     if (loaded := _load(config_path)) is None:
         return EXIT_BAD_CONFIG
     try:
@@ -141,7 +155,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if options.command == "devices":
         return show_devices(options.config, options.output, options.timeout)
     if options.command == "doctor":
+        from daemon import doctor  # noqa: PLC0415
+
         return doctor.main(options.config, options.output)
+    from daemon import sandbox  # noqa: PLC0415
+
     return sandbox.main(options.config, once=options.once)
 
 

@@ -36,8 +36,6 @@ from daemon.pluginwatcher import (
 from daemon.sockets import UnixSockets
 from deviceplugin.backend import Backend
 from deviceplugin.cdi import CdiSpecWriter, remove_stale_specs
-from deviceplugin.dra.claims import DraSettings
-from deviceplugin.dra.names import default_node_name
 from deviceplugin.names import socket_file_name
 from deviceplugin.plugin import PluginWatcherMode, ResourcePlugin, SocketServing
 from deviceplugin.servicer import ServiceSettings
@@ -321,6 +319,8 @@ class Daemon:
     ) -> DraPlugin:
         # Imports the Kubernetes client: only daemons serving DRA pay for it.
         from daemon.draplugin import DraPlugin  # noqa: PLC0415
+        from deviceplugin.dra.claims import DraSettings  # noqa: PLC0415
+        from deviceplugin.dra.names import default_node_name  # noqa: PLC0415
 
         settings = DraSettings(
             spec.resource_name,
