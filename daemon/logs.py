@@ -9,7 +9,7 @@ import sys
 import time
 from typing import Any
 
-# Set for the duration of each gRPC call by the daemon's interceptor.
+# Set for the duration of each gRPC call by the daemon's servers (daemon.metrics).
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 
 # Attributes every LogRecord has; anything else on a record came from `extra=`.

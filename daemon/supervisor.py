@@ -84,7 +84,7 @@ class Daemon:
     ) -> None:
         self.config = config
         self.metrics = metrics or Metrics()
-        self.sockets = sockets or UnixSockets([self.metrics.interceptor()])
+        self.sockets = sockets or UnixSockets(self.metrics.server)
         self.plugins: dict[str, ResourcePlugin] = {}
         self.dra: dict[str, DraPlugin] = {}
         self.csi: CsiPlugin | None = None
