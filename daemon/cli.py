@@ -147,7 +147,15 @@ def show_devices(config_path: Path, output: str, timeout: float) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     options = _parser().parse_args(argv)
-    logs.configure(options.log_format, options.log_level)
+    serving = options.command == "run"
+    writer = logs.configure(options.log_format, options.log_level, background=serving)
+    try:
+        return _command(options)
+    finally:
+        writer.close()  # the last lines, a fatal error's included, reach stderr
+
+
+def _command(options: argparse.Namespace) -> int:
     if options.command == "run":
         return run(options.config)
     if options.command == "check-config":
