@@ -22,7 +22,6 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 from daemon.config import Config, DevicePluginSpec, Registration
-from daemon.csiplugin import CsiPlugin
 from daemon.http import StatusServer
 from daemon.metrics import Metrics
 from daemon.nodefeatures import NodeFeatureFile
@@ -43,6 +42,7 @@ from deviceplugin.socketdir import SocketDirWatcher
 from deviceplugin.state import DeviceState
 
 if TYPE_CHECKING:
+    from daemon.csiplugin import CsiPlugin
     from daemon.draplugin import DraPlugin
 
 log = logging.getLogger(__name__)
@@ -262,6 +262,9 @@ class Daemon:
             key = _plugin_key(spec.resource_name)
             started.append(self._start(key, _unit_spec(config, spec), work))
         if config.csi is not None and _CSI not in self._units:
+            # The CSI services and their protos: only daemons serving CSI pay for them.
+            from daemon.csiplugin import CsiPlugin  # noqa: PLC0415
+
             self.csi = CsiPlugin(config.csi, config.kubelet_dir, config.state_dir, self.sockets)
             started.append(self._start(_CSI, config.csi, self.csi.run()))
         if config.http.address is not None and _HTTP not in self._units:
