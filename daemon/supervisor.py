@@ -95,6 +95,8 @@ class Daemon:
         self._units: dict[str, _Unit] = {}
         self._tasks: asyncio.TaskGroup | None = None
         self._restarts_seen_before = 0
+        # Set once the first config's units are all started (each goes on in its task).
+        self.started = asyncio.Event()
         self.metrics.observe_daemon(self)
 
     # --- what the HTTP endpoints and metrics read -----------------------------------
@@ -152,6 +154,7 @@ class Daemon:
                 self._tasks = tasks
                 backends, self._initial_backends = self._initial_backends, {}
                 await self._start_units(self.config, backends)
+                self.started.set()
                 if reloader is not None:
                     tasks.create_task(reloader.run(self), name="config reloader")
                 tasks.create_task(_raise_when_set(stop), name="stop signal")
