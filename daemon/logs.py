@@ -95,9 +95,10 @@ def configure(
 ) -> LogWriter:
     """Log to `stream` (stderr) in `log_format` at `level` and above.
 
-    background: a writer thread formats and writes the lines, so the event loop of
-    `nodeplug run` only queues records (formatting JSON and writing a line cost
-    100-150 us, per Allocate among others). Call the result's close() before exit.
+    background: for `nodeplug run`, whose event loop then only makes records and
+    queues them (formatting JSON and writing a line cost 100-150 us, per Allocate
+    among others): a writer thread formats and writes the lines. Process-wide, as
+    logging's own settings are. Call the result's close() before exit.
     """
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
@@ -107,6 +108,11 @@ def configure(
         handler.addFilter(_add_request_id)
         root.handlers[:] = [handler]
         return LogWriter(handler, None)
+    # Nor do records need their caller's frame, thread or process: no formatter here
+    # prints them, and finding them is most of what a log call costs (the logging
+    # HOWTO's "Optimization" settings).
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
     handoff = _Handoff(records)
     # The request id lives in the caller's context: read it before the record leaves.

@@ -142,11 +142,18 @@ def test_formatters_take_any_field_value(formatter: logging.Formatter) -> None:
 def restored_logging() -> Iterator[None]:
     root = logging.getLogger()
     saved = root.handlers[:], root.level
+    flags = logging._srcfile, logging.logThreads, logging.logProcesses, logging.logMultiprocessing
     try:
         yield
     finally:
         root.handlers[:], level = saved
         root.setLevel(level)
+        (
+            logging._srcfile,
+            logging.logThreads,
+            logging.logProcesses,
+            logging.logMultiprocessing,
+        ) = flags
 
 
 @pytest.mark.usefixtures("restored_logging")
