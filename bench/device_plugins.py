@@ -13,10 +13,11 @@ the same for both, so neither side shares an event loop with the client.
   against the bare server sending the same prebuilt list.
 - hotplug -> kubelet update: mknod -> the simulated kubelet sees the device, against
   mknod -> a raw inotify event (root only).
-- start-up with 60,000 glob devices (device nodes on a tmpfs, root only): `nodeplug run`
-  exec'd -> registered with the kubelet and its device list received, against a bare
-  plugin process that lists the directory (scandir + stat of every node), serves its
-  socket and registers.
+- start-up with 60,000 glob devices (device nodes on a tmpfs, root only), twice:
+  in process, Daemon.run() -> registered with the kubelet and its device list received
+  (the daemon's own work), against a bare scan of the nodes (scandir + stat of each,
+  into a device list); and `nodeplug run` exec'd -> the same, against a bare plugin
+  process that scans, serves its socket and registers.
 
 Kubelet restarts have their own benchmark: bench/kubelet_restart.py.
 
@@ -46,6 +47,7 @@ from asyncinotify import Inotify, Mask
 from idle import process  # bench/, the script's directory
 
 from daemon import config as configuration
+from daemon.supervisor import Daemon
 from deviceplugin.testkit import FakeKubelet
 from deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
 
@@ -296,12 +298,40 @@ def device_nodes(directory: Path, count: int) -> Iterator[Path]:
         subprocess.run(["umount", directory], check=True)
 
 
-async def bench_startup(root: Path, rounds: int, count: int) -> tuple[Timings, Timings]:
+async def startup_in_process(root: Path, plugin: dict[str, Any], count: int) -> float:
+    """ms from Daemon.run() to the kubelet holding the device list (no interpreter start,
+    no imports, config already parsed: the daemon's own start-up work)."""
+    data = configuration.confined_to(
+        {"devicePlugins": [{"resourceName": RESOURCE, **plugin}]}, root
+    )
+    config = configuration.parse(data)
+    async with FakeKubelet(config.device_plugin_dir) as kubelet:
+        stop = asyncio.Event()
+        started = time.perf_counter()
+        daemon = Daemon(config, configuration.create_backends(config))
+        task = asyncio.create_task(daemon.run(stop))
+        try:
+            await kubelet.wait_for_devices(RESOURCE, lambda d: len(d) == count, 120)
+            return (time.perf_counter() - started) * 1000
+        finally:
+            stop.set()
+            await task
+
+
+async def bench_startup(
+    root: Path, rounds: int, count: int
+) -> tuple[tuple[Timings, Timings], tuple[Timings, Timings]]:
+    """Start-up in process against a bare scan, and as processes against a bare plugin."""
+    in_process: tuple[Timings, Timings] = ([], [])
     ours: Timings = []
     baseline: Timings = []
     with device_nodes(root / "nodes", count) as nodes:
         plugin = {"backend": "glob", "config": {"paths": [f"{nodes}/w*"]}}
         for index in range(rounds):
+            in_process[0].append(await startup_in_process(root / f"i{index}", plugin, count))
+            started = time.perf_counter()
+            assert len(bare_scan(nodes).devices) == count
+            in_process[1].append((time.perf_counter() - started) * 1000)
             async with nodeplug(root / f"s{index}", plugin) as (kubelet, elapsed):
                 assert len(kubelet.client(RESOURCE).devices) == count
                 ours.append(elapsed)
@@ -314,7 +344,7 @@ async def bench_startup(root: Path, rounds: int, count: int) -> tuple[Timings, T
                 async with process(sys.executable, __file__, *command, *register):
                     await kubelet.wait_for_devices(RESOURCE, lambda d: len(d) == count, 120)
                     baseline.append((time.perf_counter() - started) * 1000)
-    return ours, baseline
+    return in_process, (ours, baseline)
 
 
 def row(name: str, ours: Timings, baseline: Timings) -> str:
@@ -337,8 +367,9 @@ async def main(rounds: int, devices: int, startups: int) -> None:
         if os.geteuid() == 0:
             name = "hotplug (mknod) -> kubelet update"
             results.append((name, *await bench_hotplug(root, max(20, rounds // 50))))
-            name = f"start-up, {devices} glob dev ({startups}x)"
-            results.append((name, *await bench_startup(root, startups, devices)))
+            in_process, processes = await bench_startup(root, startups, devices)
+            results.append((f"start-up, {devices} glob dev, in process", *in_process))
+            results.append((f"start-up, {devices} glob dev, exec", *processes))
         else:
             print("hotplug and start-up: skipped (need root for mknod)", file=sys.stderr)
     finally:
@@ -356,7 +387,7 @@ if __name__ == "__main__":
         "--rounds", type=int, default=2000, help="Allocate calls (others scale down)"
     )
     parser.add_argument("--devices", type=int, default=60_000)
-    parser.add_argument("--startups", type=int, default=5, help="start-ups to time")
+    parser.add_argument("--startups", type=int, default=5, help="start-ups to time, each way")
     bare = parser.add_argument_group("the bare baseline's own process (used by the benchmark)")
     bare.add_argument("--serve-bare", type=Path, metavar="SOCKET", help=argparse.SUPPRESS)
     bare.add_argument("--allocate", type=Path, help=argparse.SUPPRESS)
