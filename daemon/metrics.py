@@ -19,8 +19,8 @@ import logging
 import math
 import random
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import grpc
 
@@ -36,6 +36,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 Labels = tuple[tuple[str, str], ...]
+S = TypeVar("S")
 
 
 class Family:
@@ -91,20 +92,30 @@ class _Child:
         self.value += amount
 
 
-class Counter:
-    def __init__(self, name: str, documentation: str, labels: Sequence[str]) -> None:
+class _Series(Generic[S]):
+    """A metric's labelled series, each made when its label values are first used."""
+
+    def __init__(
+        self, name: str, documentation: str, labels: Sequence[str], new: Callable[[], S]
+    ) -> None:
         self.name = name
         self.documentation = documentation
         self.label_names = tuple(labels)
-        self._children: dict[tuple[str, ...], _Child] = {}
+        self._new = new
+        self._children: dict[tuple[str, ...], S] = {}
 
-    def labels(self, *values: str) -> _Child:
+    def labels(self, *values: str) -> S:
         child = self._children.get(values)
         if child is None:
             if len(values) != len(self.label_names):
                 raise ValueError(f"{self.name} takes labels {self.label_names}, got {values}")
-            child = self._children[values] = _Child()
+            child = self._children[values] = self._new()
         return child
+
+
+class Counter(_Series[_Child]):
+    def __init__(self, name: str, documentation: str, labels: Sequence[str]) -> None:
+        super().__init__(name, documentation, labels, _Child)
 
     def collect(self) -> Iterable[Family]:
         counts = CounterFamily(self.name, self.documentation, self.label_names)
@@ -135,23 +146,13 @@ class _Buckets:
         self.counts[-1] += 1
 
 
-class Histogram:
+class Histogram(_Series[_Buckets]):
     def __init__(
         self, name: str, documentation: str, labels: Sequence[str], buckets: Sequence[float]
     ) -> None:
-        self.name = name
-        self.documentation = documentation
-        self.label_names = tuple(labels)
-        self.bounds = tuple(float(bound) for bound in buckets)
-        self._children: dict[tuple[str, ...], _Buckets] = {}
-
-    def labels(self, *values: str) -> _Buckets:
-        child = self._children.get(values)
-        if child is None:
-            if len(values) != len(self.label_names):
-                raise ValueError(f"{self.name} takes labels {self.label_names}, got {values}")
-            child = self._children[values] = _Buckets(self.bounds)
-        return child
+        bounds = tuple(float(bound) for bound in buckets)
+        super().__init__(name, documentation, labels, lambda: _Buckets(bounds))
+        self.bounds = bounds
 
     def collect(self) -> Iterable[Family]:
         family = HistogramFamily(self.name, self.documentation)
