@@ -44,7 +44,7 @@ from typing import Any
 import grpc
 import yaml
 from asyncinotify import Inotify, Mask
-from idle import process  # bench/, the script's directory
+from idle import compile_as_installed, process  # bench/, the script's directory
 
 from daemon import config as configuration
 from daemon.supervisor import Daemon
@@ -357,6 +357,7 @@ def row(name: str, ours: Timings, baseline: Timings) -> str:
 
 
 async def main(rounds: int, devices: int, startups: int) -> None:
+    compile_as_installed()
     root = Path(tempfile.mkdtemp(prefix="npb-", dir="/tmp"))
     results = []
     try:
