@@ -11,6 +11,7 @@ import asyncio
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 from deviceplugin.backend import Device
 from deviceplugin.names import device_id_problem
@@ -27,9 +28,12 @@ KUBELET_MAX_MESSAGE = 4 * 1024 * 1024
 _SIZE_CHECK_FROM = 40_000
 
 
-@dataclass(frozen=True, slots=True)
-class Unit:
-    """One allocatable id: a whole device, or one replica of a shared device."""
+class Unit(NamedTuple):
+    """One allocatable id: a whole device, or one replica of a shared device.
+
+    A named tuple: a resource can have tens of thousands, made on every change, and
+    a tuple is made in a fraction of a frozen dataclass's time.
+    """
 
     id: str
     device: Device
