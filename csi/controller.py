@@ -155,6 +155,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
     async def CreateVolume(
         self, request: csi_pb2.CreateVolumeRequest, context: Context
     ) -> csi_pb2.CreateVolumeResponse:
+        validation.required(request, "name", "volume_capabilities")
         name = validation.name(request.name)
         block = validation.capabilities(list(request.volume_capabilities))
         if request.parameters:
@@ -259,6 +260,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
     async def DeleteVolume(
         self, request: csi_pb2.DeleteVolumeRequest, context: Context
     ) -> csi_pb2.DeleteVolumeResponse:
+        validation.required(request, "volume_id")
         try:
             volume_id = validation.object_id(
                 request.volume_id, validation.VOLUME_PREFIX, "volume_id"
@@ -285,9 +287,11 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
     async def ValidateVolumeCapabilities(
         self, request: csi_pb2.ValidateVolumeCapabilitiesRequest, context: Context
     ) -> csi_pb2.ValidateVolumeCapabilitiesResponse:
+        validation.required(request, "volume_id", "volume_capabilities")
+        # Malformed capabilities are a bad request; unsupported ones an unconfirmed answer.
+        for index, item in enumerate(request.volume_capabilities):
+            validation.well_formed(item, f"volume_capabilities[{index}]")
         volume_id = validation.object_id(request.volume_id, validation.VOLUME_PREFIX, "volume_id")
-        if not request.volume_capabilities:
-            raise InvalidArgumentError("volume_capabilities is required")
         record = self.driver.volume(volume_id)
         try:
             block = validation.capabilities(list(request.volume_capabilities))
@@ -356,10 +360,9 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
     async def ControllerExpandVolume(
         self, request: csi_pb2.ControllerExpandVolumeRequest, context: Context
     ) -> csi_pb2.ControllerExpandVolumeResponse:
-        volume_id = validation.object_id(request.volume_id, validation.VOLUME_PREFIX, "volume_id")
-        if not request.HasField("capacity_range"):
-            raise InvalidArgumentError("capacity_range is required")
+        validation.required(request, "volume_id", "capacity_range")
         size = capacity.size_for(request.capacity_range)
+        volume_id = validation.object_id(request.volume_id, validation.VOLUME_PREFIX, "volume_id")
         with self.driver.locks.hold(volume_key(volume_id)):
             record = self.driver.volume(volume_id)
             if size > record.capacity:
@@ -422,8 +425,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
     async def CreateSnapshot(
         self, request: csi_pb2.CreateSnapshotRequest, context: Context
     ) -> csi_pb2.CreateSnapshotResponse:
-        if not request.source_volume_id:
-            raise InvalidArgumentError("source_volume_id is required")
+        validation.required(request, "name", "source_volume_id")
         name = validation.name(request.name)
         if request.parameters:
             raise InvalidArgumentError("parameters: none are supported")
@@ -472,6 +474,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
     async def DeleteSnapshot(
         self, request: csi_pb2.DeleteSnapshotRequest, context: Context
     ) -> csi_pb2.DeleteSnapshotResponse:
+        validation.required(request, "snapshot_id")
         try:
             snapshot_id = validation.object_id(
                 request.snapshot_id, validation.SNAPSHOT_PREFIX, "snapshot_id"

@@ -357,12 +357,12 @@ async def test_paths_outside_the_kubelet_dir_are_invalid_argument(csi: Client, p
         csi.node.NodeUnstageVolume(
             csi_pb2.NodeUnstageVolumeRequest(volume_id=volume.volume_id, staging_target_path=path)
         ),
-        csi.node.NodeGetVolumeStats(
-            csi_pb2.NodeGetVolumeStatsRequest(volume_id=volume.volume_id, volume_path=path)
-        ),
     ]
     for call in calls:
         assert await code_of(call) == Code.INVALID_ARGUMENT
+    # A volume_path is only looked up among the volume's stagings and publications.
+    stats = csi_pb2.NodeGetVolumeStatsRequest(volume_id=volume.volume_id, volume_path=path)
+    assert await code_of(csi.node.NodeGetVolumeStats(stats)) == Code.NOT_FOUND
     assert not Path("/tmp/x").is_mount()
 
 
@@ -438,7 +438,15 @@ async def test_node_rpcs_with_missing_fields_or_unknown_volumes(csi: Client) -> 
             csi.node.NodeUnpublishVolume(
                 csi_pb2.NodeUnpublishVolumeRequest(volume_id=UNKNOWN_VOLUME, target_path=target)
             ),
-            Code.NOT_FOUND,
+            Code.OK,
+        ),
+        (
+            csi.node.NodeUnstageVolume(
+                csi_pb2.NodeUnstageVolumeRequest(
+                    volume_id=UNKNOWN_VOLUME, staging_target_path=staging
+                )
+            ),
+            Code.OK,
         ),
         (
             csi.node.NodeUnstageVolume(
