@@ -74,6 +74,17 @@ def timestamp(seconds: float) -> timestamp_pb2.Timestamp:
     return stamp
 
 
+def snapshot_message(record: SnapshotRecord) -> csi_pb2.Snapshot:
+    return csi_pb2.Snapshot(
+        size_bytes=record.size,
+        snapshot_id=record.id,
+        source_volume_id=record.source_volume_id,
+        creation_time=timestamp(record.created),
+        ready_to_use=record.status is Status.READY,
+        group_snapshot_id=record.group_snapshot_id,
+    )
+
+
 class ControllerServicer(csi_pb2_grpc.ControllerServicer):
     CAPABILITIES = tuple(
         csi_pb2.ControllerServiceCapability(rpc=RPC(type=kind))
@@ -86,6 +97,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
             RPC.CLONE_VOLUME,
             RPC.EXPAND_VOLUME,
             RPC.SINGLE_NODE_MULTI_WRITER,
+            RPC.GET_SNAPSHOT,
         )
     )
 
@@ -243,9 +255,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
 
         await create_recorded(
             self.driver.store,
-            self.driver.store.state.volumes,
-            record.id,
-            record,
+            [(self.driver.store.state.volumes, record.id, record)],
             work,
             self._deleter(path),
         )
@@ -279,7 +289,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
             with self.driver.locks.hold(f"volume-name:{record.name}"):
                 path = self.driver.pool.volume_path(volume_id)
                 await delete_recorded(
-                    self.driver.store, state.volumes, volume_id, self._deleter(path)
+                    self.driver.store, [(state.volumes, volume_id, record)], self._deleter(path)
                 )
         return csi_pb2.DeleteVolumeResponse()
 
@@ -404,22 +414,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
     ) -> csi_pb2.ControllerModifyVolumeResponse:
         raise UnimplementedError("no MODIFY_VOLUME capability")
 
-    @rpc
-    async def GetSnapshot(
-        self, request: csi_pb2.GetSnapshotRequest, context: Context
-    ) -> csi_pb2.GetSnapshotResponse:
-        raise UnimplementedError("no GET_SNAPSHOT capability")
-
     # --- snapshots ----------------------------------------------------------------------
-
-    def _response_snapshot(self, record: SnapshotRecord) -> csi_pb2.Snapshot:
-        return csi_pb2.Snapshot(
-            size_bytes=record.size,
-            snapshot_id=record.id,
-            source_volume_id=record.source_volume_id,
-            creation_time=timestamp(record.created),
-            ready_to_use=True,
-        )
 
     @rpc
     async def CreateSnapshot(
@@ -438,7 +433,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
                     )
                 if existing.status is not Status.READY:
                     raise AbortedError(f"snapshot {quoted(name)} is being created or deleted")
-                return csi_pb2.CreateSnapshotResponse(snapshot=self._response_snapshot(existing))
+                return csi_pb2.CreateSnapshotResponse(snapshot=snapshot_message(existing))
             volume_id = validation.object_id(
                 request.source_volume_id, validation.VOLUME_PREFIX, "source_volume_id"
             )
@@ -452,7 +447,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
                     created=time.time(),
                 )
                 await self._snapshot(record)
-        return csi_pb2.CreateSnapshotResponse(snapshot=self._response_snapshot(record))
+        return csi_pb2.CreateSnapshotResponse(snapshot=snapshot_message(record))
 
     async def _snapshot(self, record: SnapshotRecord) -> None:
         path = self.driver.pool.snapshot_path(record.id)
@@ -463,9 +458,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
 
         await create_recorded(
             self.driver.store,
-            self.driver.store.state.snapshots,
-            record.id,
-            record,
+            [(self.driver.store.state.snapshots, record.id, record)],
             work,
             self._deleter(path),
         )
@@ -486,12 +479,32 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
             record = state.snapshots.get(snapshot_id)
             if record is None:
                 return csi_pb2.DeleteSnapshotResponse()
+            if record.group_snapshot_id:
+                # The spec lets us refuse: a group's snapshots go with the group.
+                raise FailedPreconditionError(
+                    f"snapshot {snapshot_id} belongs to group snapshot "
+                    f"{record.group_snapshot_id}: delete the group"
+                )
             with self.driver.locks.hold(f"snapshot-name:{record.name}"):
                 path = self.driver.pool.snapshot_path(snapshot_id)
                 await delete_recorded(
-                    self.driver.store, state.snapshots, snapshot_id, self._deleter(path)
+                    self.driver.store, [(state.snapshots, snapshot_id, record)], self._deleter(path)
                 )
         return csi_pb2.DeleteSnapshotResponse()
+
+    @rpc
+    async def GetSnapshot(
+        self, request: csi_pb2.GetSnapshotRequest, context: Context
+    ) -> csi_pb2.GetSnapshotResponse:
+        validation.required(request, "snapshot_id")
+        snapshot_id = validation.object_id(
+            request.snapshot_id, validation.SNAPSHOT_PREFIX, "snapshot_id"
+        )
+        record = self.driver.store.state.snapshots.get(snapshot_id)
+        # One being taken is there, not ready yet; one being deleted is gone.
+        if record is None or record.status is Status.DELETING:
+            raise NotFoundError(f"snapshot {snapshot_id} does not exist")
+        return csi_pb2.GetSnapshotResponse(snapshot=snapshot_message(record))
 
     @rpc
     async def ListSnapshots(
@@ -509,8 +522,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         )
         return csi_pb2.ListSnapshotsResponse(
             entries=[
-                csi_pb2.ListSnapshotsResponse.Entry(snapshot=self._response_snapshot(s))
-                for s in chosen
+                csi_pb2.ListSnapshotsResponse.Entry(snapshot=snapshot_message(s)) for s in chosen
             ],
             next_token=next_token,
         )

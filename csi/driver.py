@@ -15,6 +15,7 @@ import grpc
 from csi.config import CsiConfig
 from csi.controller import ControllerServicer
 from csi.errors import NotFoundError
+from csi.groupcontroller import GroupControllerServicer
 from csi.identity import IdentityServicer
 from csi.locks import OperationLocks
 from csi.node import NodeServicer
@@ -37,6 +38,7 @@ class CsiDriver:
         self.ready = False
         self.identity = IdentityServicer(self)
         self.controller = ControllerServicer(self)
+        self.group_controller = GroupControllerServicer(self)
         self.node = NodeServicer(self)
 
     @property
@@ -68,4 +70,5 @@ class CsiDriver:
     def add_services(self, server: grpc.aio.Server) -> None:
         csi_pb2_grpc.add_IdentityServicer_to_server(self.identity, server)
         csi_pb2_grpc.add_ControllerServicer_to_server(self.controller, server)
+        csi_pb2_grpc.add_GroupControllerServicer_to_server(self.group_controller, server)
         csi_pb2_grpc.add_NodeServicer_to_server(self.node, server)

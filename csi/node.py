@@ -117,7 +117,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
                 await self._unstage(record)
 
             await create_recorded(
-                self.driver.store, state.stagings, record.path, record, work, undo
+                self.driver.store, [(state.stagings, record.path, record)], work, undo
             )
         return csi_pb2.NodeStageVolumeResponse()
 
@@ -172,7 +172,9 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
             record = table.get(str(path))
             if record is None or getattr(record, "volume_id", None) != volume_id:
                 return
-            await delete_recorded(self.driver.store, table, str(path), partial(undo, record))
+            await delete_recorded(
+                self.driver.store, [(table, str(path), record)], partial(undo, record)
+            )
 
     # --- publish --------------------------------------------------------------------------
 
@@ -229,9 +231,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
 
             await create_recorded(
                 self.driver.store,
-                state.publications,
-                record.path,
-                record,
+                [(state.publications, record.path, record)],
                 work,
                 partial(self._unpublish, record),
             )

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,9 +33,17 @@ DISK = "disk"
 # The inode number of every btrfs subvolume's root directory.
 _SUBVOLUME_INODE = 256
 _LOOP_LINE = re.compile(r"^(/dev/loop\d+): ")
+_GENERATION_LINE = re.compile(r"^\s*(Generation|Gen at creation):\s+(\d+)\s*$", re.MULTILINE)
 # How long DeleteVolume waits for the kernel to drop a deleted subvolume before its
 # qgroup can go; a qgroup still there after that is cleared at the next start.
 QGROUP_CLEANUP_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Generations:
+    # The last transaction that changed the subvolume, and the one that created it.
+    changed: int
+    created: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +123,56 @@ class Pool:
     async def snapshot(self, source: Path, target: Path, readonly: bool) -> None:
         flags = ["-r"] if readonly else []
         await run("btrfs", "subvolume", "snapshot", *flags, str(source), str(target))
+
+    async def generations(self, path: Path) -> Generations:
+        """The subvolume's last-changed and created-at transaction ids."""
+        output = await run("btrfs", "subvolume", "show", str(path))
+        found = dict(_GENERATION_LINE.findall(output))
+        try:
+            return Generations(int(found["Generation"]), int(found["Gen at creation"]))
+        except KeyError:
+            raise CommandError(
+                f"btrfs subvolume show {path}: no generations in its output"
+            ) from None
+
+    async def snapshot_group(self, members: Sequence[tuple[Path, Path]]) -> bool:
+        """Snapshot each (source, target) read-only; True if they form one crash-consistent cut.
+
+        btrfs cannot snapshot several subvolumes atomically, and freezing the pool
+        (FIFREEZE) does not help: a snapshot is a write and waits for the thaw. So the
+        members are snapshotted one after the other, each in its own transaction, and
+        then checked: a source whose generation is still its snapshot's creation
+        generation has had no change committed since, so every snapshot equals its
+        source as of the last snapshot's commit, the state a crash at that instant
+        would have left. Writes not yet flushed then are not in the cut, as a crash
+        would lose them. If a source changed in between, the snapshots are deleted
+        and False returned: the caller may try again.
+        """
+        made: list[Path] = []
+        try:
+            for source, target in members:
+                await self.snapshot(source, target, readonly=True)
+                made.append(target)
+            consistent = await self._unchanged_since_snapshot(members)
+        except BaseException:
+            for target in made:
+                with contextlib.suppress(CommandError):
+                    await self.delete_subvolume(target)
+            raise
+        if not consistent:
+            for target in made:
+                await self.delete_subvolume(target)
+        return consistent
+
+    async def _unchanged_since_snapshot(self, members: Sequence[tuple[Path, Path]]) -> bool:
+        for source, target in members:
+            changed = (await self.generations(source)).changed
+            if changed != (await self.generations(target)).created:
+                log.info(
+                    "a group member changed while the group was cut", extra={"source": str(source)}
+                )
+                return False
+        return True
 
     async def delete_subvolume(self, path: Path) -> None:
         """Delete a subvolume and its level-0 qgroup, which btrfs leaves behind (stale)."""

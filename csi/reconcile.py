@@ -27,6 +27,7 @@ async def reconcile(store: StateStore, pool: Pool, kubelet_dir: Path) -> None:
     state = store.state
     await _volumes(state, pool)
     await _snapshots(state, pool)
+    _group_snapshots(state)
     table = await mounts.mounts()
     mounted = {m.mount_point for m in table}
     await _publications(state, mounted)
@@ -56,6 +57,19 @@ async def _snapshots(state: State, pool: Pool) -> None:
         log.warning("finishing an interrupted snapshot operation", extra={"snapshot": record.id})
         await pool.delete_subvolume(pool.snapshot_path(record.id))
         del state.snapshots[record.id]
+
+
+def _group_snapshots(state: State) -> None:
+    """Drop groups an interrupted cut or deletion left.
+
+    A group and its members change status in one write, so _snapshots has already
+    removed the members of these.
+    """
+    for record in list(state.group_snapshots.values()):
+        if record.status is Status.READY:
+            continue
+        log.warning("finishing an interrupted group snapshot operation", extra={"group": record.id})
+        del state.group_snapshots[record.id]
 
 
 async def _publications(state: State, mounted: set[str]) -> None:

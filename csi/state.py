@@ -14,7 +14,7 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
@@ -28,6 +28,15 @@ class Status(StrEnum):
     PENDING = "pending"
     READY = "ready"
     DELETING = "deleting"
+
+
+class _Record(Protocol):
+    status: Status
+
+
+Rec = TypeVar("Rec", bound=_Record)
+# A record and where it lives: (table, key, record).
+Entry = tuple[dict[str, Any], str, _Record]
 
 
 @dataclass(slots=True)
@@ -46,9 +55,22 @@ class VolumeRecord:
 @dataclass(slots=True)
 class SnapshotRecord:
     id: str
+    # "" for a member of a group snapshot: those are found through their group.
     name: str
     source_volume_id: str
     size: int
+    created: float
+    status: Status = Status.PENDING
+    group_snapshot_id: str = ""
+
+
+@dataclass(slots=True)
+class GroupSnapshotRecord:
+    id: str
+    name: str
+    source_volume_ids: list[str]
+    # One member snapshot per source volume, in the same order.
+    snapshot_ids: list[str]
     created: float
     status: Status = Status.PENDING
 
@@ -94,6 +116,7 @@ class State:
     # Keyed by staging path / target path: one volume per path.
     stagings: dict[str, StageRecord] = field(default_factory=dict)
     publications: dict[str, PublishRecord] = field(default_factory=dict)
+    group_snapshots: dict[str, GroupSnapshotRecord] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {"version": FORMAT_VERSION, **asdict(self)}
@@ -107,12 +130,14 @@ class State:
             snapshots=_load_records(SnapshotRecord, data.get("snapshots", {})),
             stagings=_load_records(StageRecord, data.get("stagings", {})),
             publications=_load_records(PublishRecord, data.get("publications", {})),
+            group_snapshots=_load_records(GroupSnapshotRecord, data.get("group_snapshots", {})),
         )
-        records: list[VolumeRecord | SnapshotRecord | StageRecord | PublishRecord] = [
+        records: list[_Record] = [
             *state.volumes.values(),
             *state.snapshots.values(),
             *state.stagings.values(),
             *state.publications.values(),
+            *state.group_snapshots.values(),
         ]
         for record in records:
             record.status = Status(record.status)
@@ -123,6 +148,9 @@ class State:
 
     def snapshot_by_name(self, name: str) -> SnapshotRecord | None:
         return next((s for s in self.snapshots.values() if s.name == name), None)
+
+    def group_snapshot_by_name(self, name: str) -> GroupSnapshotRecord | None:
+        return next((g for g in self.group_snapshots.values() if g.name == name), None)
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
@@ -179,45 +207,42 @@ class StateStore:
             self._saved = covered
 
 
-class _Record(Protocol):
-    status: Status
-
-
-Rec = TypeVar("Rec", bound=_Record)
-
-
 async def create_recorded(
     store: StateStore,
-    table: dict[str, Rec],
-    key: str,
-    record: Rec,
+    entries: Sequence[Entry],
     work: Callable[[], Awaitable[None]],
     undo: Callable[[], Awaitable[None]],
 ) -> None:
     """Record the intent (PENDING), do the work, record READY; on failure undo and forget.
 
-    A crash in between leaves a PENDING record that the reconciler undoes.
+    All entries are recorded in one write and turn READY in one write. A crash in
+    between leaves PENDING records that the reconciler undoes.
     """
-    table[key] = record
+    for table, key, record in entries:
+        table[key] = record
     await store.save()
     try:
         await work()
     except BaseException:
         with contextlib.suppress(Exception):
             await undo()
-        table.pop(key, None)
+        for table, key, _ in entries:
+            table.pop(key, None)
         await store.save()
         raise
-    record.status = Status.READY
+    for _, _, record in entries:
+        record.status = Status.READY
     await store.save()
 
 
 async def delete_recorded(
-    store: StateStore, table: dict[str, Rec], key: str, work: Callable[[], Awaitable[None]]
+    store: StateStore, entries: Sequence[Entry], work: Callable[[], Awaitable[None]]
 ) -> None:
-    """Record DELETING, do the work, forget the record; a crash leaves DELETING to finish."""
-    table[key].status = Status.DELETING
+    """Record DELETING, do the work, forget the records; a crash leaves DELETING to finish."""
+    for _, _, record in entries:
+        record.status = Status.DELETING
     await store.save()
     await work()
-    del table[key]
+    for table, key, _ in entries:
+        del table[key]
     await store.save()

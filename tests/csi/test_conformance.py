@@ -497,6 +497,7 @@ async def test_capabilities_advertise_what_is_implemented(csi: Client) -> None:
         rpc.CLONE_VOLUME,
         rpc.EXPAND_VOLUME,
         rpc.SINGLE_NODE_MULTI_WRITER,
+        rpc.GET_SNAPSHOT,
     }
     node_rpc = csi_pb2.NodeServiceCapability.RPC
     node = await csi.node.NodeGetCapabilities(csi_pb2.NodeGetCapabilitiesRequest())

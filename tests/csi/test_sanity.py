@@ -256,3 +256,67 @@ async def test_an_unsupported_mode_is_an_unconfirmed_answer_not_an_error(csi: Cl
     )
     assert not response.HasField("confirmed")
     assert "MULTI_NODE_MULTI_WRITER" in response.message
+
+
+# --- GetSnapshot (GET_SNAPSHOT) and the GroupController service ------------------------------
+
+
+async def test_get_snapshot_specs(csi: Client) -> None:
+    """GetSnapshot: without an id, by id among unrelated snapshots, and an unknown id."""
+    assert await code_of(csi.controller.GetSnapshot(csi_pb2.GetSnapshotRequest())) == (
+        Code.INVALID_ARGUMENT
+    )
+    snapshots = []
+    for index in range(3):
+        volume = (await csi.controller.CreateVolume(create_request(f"pvc-{index}"))).volume
+        request = csi_pb2.CreateSnapshotRequest(
+            source_volume_id=volume.volume_id, name=f"snap-{index}"
+        )
+        snapshots.append((await csi.controller.CreateSnapshot(request)).snapshot)
+    found = await csi.controller.GetSnapshot(
+        csi_pb2.GetSnapshotRequest(snapshot_id=snapshots[1].snapshot_id)
+    )
+    assert found.snapshot == snapshots[1]
+    assert found.snapshot.ready_to_use
+    for unknown in ("none-exist-id", "s" + "0" * 32):
+        missing = csi_pb2.GetSnapshotRequest(snapshot_id=unknown)
+        assert await code_of(csi.controller.GetSnapshot(missing)) == Code.NOT_FOUND
+
+
+async def test_group_controller_specs(csi: Client) -> None:
+    groups = csi.group_controller
+    capabilities = await groups.GroupControllerGetCapabilities(
+        csi_pb2.GroupControllerGetCapabilitiesRequest()
+    )
+    rpc = csi_pb2.GroupControllerServiceCapability.RPC
+    assert [c.rpc.type for c in capabilities.capabilities] == [
+        rpc.CREATE_DELETE_GET_VOLUME_GROUP_SNAPSHOT
+    ]
+    cases: list[tuple[Awaitable[Any], Code]] = [
+        (
+            groups.CreateVolumeGroupSnapshot(csi_pb2.CreateVolumeGroupSnapshotRequest()),
+            Code.INVALID_ARGUMENT,
+        ),
+        (
+            groups.GetVolumeGroupSnapshot(csi_pb2.GetVolumeGroupSnapshotRequest()),
+            Code.INVALID_ARGUMENT,
+        ),
+        (
+            groups.GetVolumeGroupSnapshot(
+                csi_pb2.GetVolumeGroupSnapshotRequest(group_snapshot_id="fake-vol-id")
+            ),
+            Code.NOT_FOUND,
+        ),
+        (
+            groups.DeleteVolumeGroupSnapshot(csi_pb2.DeleteVolumeGroupSnapshotRequest()),
+            Code.INVALID_ARGUMENT,
+        ),
+        (
+            groups.DeleteVolumeGroupSnapshot(
+                csi_pb2.DeleteVolumeGroupSnapshotRequest(group_snapshot_id="fake-vol-id")
+            ),
+            Code.OK,
+        ),
+    ]
+    for call, code in cases:
+        assert await code_of(call) == code
