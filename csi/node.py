@@ -10,7 +10,6 @@ request must be inside the kubelet's directory (see validation.request_path).
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
@@ -125,8 +124,8 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         self, volume: VolumeRecord, record: StageRecord, capability: csi_pb2.VolumeCapability
     ) -> None:
         path = Path(record.path)
-        await asyncio.to_thread(path.mkdir, mode=0o750, exist_ok=True)
         if volume.block:
+            await mounts.make_directory(self.driver.kubelet_dir, path)
             record.loop_device = await self.driver.pool.attach(
                 self.driver.pool.disk_path(volume.id)
             )
@@ -134,10 +133,11 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         source = self.driver.pool.volume_path(volume.id)
         if not is_subvolume(source):
             raise NotFoundError(f"volume {volume.id} has no data on this node")
-        await mounts.bind(source, path, readonly=False, options=list(capability.mount.mount_flags))
+        options = list(capability.mount.mount_flags)
+        await mounts.bind(source, self.driver.kubelet_dir, path, readonly=False, options=options)
 
     async def _unstage(self, record: StageRecord) -> None:
-        await mounts.unmount(Path(record.path))
+        await mounts.unmount(self.driver.kubelet_dir, Path(record.path))
         disk = self.driver.pool.disk_path(record.volume_id)
         if disk.exists():
             for device in await self.driver.pool.loop_devices(disk):
@@ -256,8 +256,8 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         self, volume: VolumeRecord, stage: StageRecord, record: PublishRecord, flags: list[str]
     ) -> None:
         target = Path(record.path)
+        root = self.driver.kubelet_dir
         if volume.block:
-            await asyncio.to_thread(target.touch, mode=0o600, exist_ok=True)
             device = stage.loop_device
             if record.readonly:
                 # A read-only mount stops writes to files, not to a device node, and the
@@ -266,15 +266,14 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
                 disk = self.driver.pool.disk_path(volume.id)
                 record.loop_device = await self.driver.pool.attach(disk, readonly=True)
                 device = record.loop_device
-            await mounts.bind(Path(device), target, record.readonly, [])
+            await mounts.bind(Path(device), root, target, record.readonly, [], file=True)
         else:
-            await asyncio.to_thread(target.mkdir, mode=0o750, exist_ok=True)
-            await mounts.bind(Path(stage.path), target, record.readonly, flags)
+            await mounts.rebind(root, Path(stage.path), target, record.readonly, flags)
 
     async def _unpublish(self, record: PublishRecord) -> None:
         target = Path(record.path)
-        await mounts.unmount(target)
-        await mounts.remove_mount_point(target)
+        await mounts.unmount(self.driver.kubelet_dir, target)
+        await mounts.remove_mount_point(self.driver.kubelet_dir, target)
         disk = self.driver.pool.disk_path(record.volume_id)
         # Only while it still serves this volume: a device detached behind our back may
         # since have been given to another file.
