@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import re
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from csi.config import PoolConfig
 from csi.errors import CommandError
+from csi.files import private_directory, private_file
 from csi.mounts import mounted_at
 from csi.system import run
 
@@ -90,8 +93,9 @@ class Pool:
             raise CommandError(f"pool path {self.root} is not a mounted btrfs filesystem")
         await run("btrfs", "quota", "enable", str(self.root))
         await self._clear_stale_qgroups()
-        for directory in (self.volumes, self.snapshots):
-            directory.mkdir(mode=0o700, exist_ok=True)
+        # Only the daemon goes through the pool: pods reach their volumes by bind mounts.
+        for directory in (self.root, self.volumes, self.snapshots):
+            await asyncio.to_thread(private_directory, directory)
 
     async def _clear_stale_qgroups(self) -> None:
         """Remove qgroups left by deletions that a crash or a slow drop interrupted."""
@@ -103,17 +107,37 @@ class Pool:
             log.warning("some stale qgroups remain", extra={"error": str(error)})
 
     async def _mount_image(self, image: Path) -> None:
+        if _is_empty_file(image):
+            # What a creation interrupted before this version made: it holds nothing.
+            log.warning("replacing an empty pool image", extra={"image": str(image)})
+            image.unlink()
+        if not image.exists():
+            await self._create_image(image, self.config.size or 0)
+        await asyncio.to_thread(private_file, image)
         if await mounted_at(self.root) is not None:
             return
-        if not image.exists():
-            image.parent.mkdir(parents=True, exist_ok=True)
-            size = self.config.size or 0
-            await asyncio.to_thread(_create_sparse, image, size)
-            await run("mkfs.btrfs", "-q", str(image))
-            log.info("created the pool image", extra={"image": str(image), "bytes": size})
-        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        await asyncio.to_thread(private_directory, self.root)
         # mount -o loop attaches a loop device that the kernel frees on unmount.
         await run("mount", "-o", "loop", "--", str(image), str(self.root))
+
+    async def _create_image(self, image: Path, size: int) -> None:
+        """Create and format the image under a temporary name, then rename it into place.
+
+        A creation that fails (or a crash) leaves nothing at the image's path, so the
+        next start tries again from scratch instead of mounting half an image.
+        """
+        if not image.parent.exists():
+            await asyncio.to_thread(private_directory, image.parent)
+        temporary = image.with_name(f".{image.name}.new")
+        temporary.unlink(missing_ok=True)
+        try:
+            await asyncio.to_thread(_create_sparse, temporary, size)
+            await run("mkfs.btrfs", "-q", str(temporary))
+            await asyncio.to_thread(_rename_durably, temporary, image)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+        log.info("created the pool image", extra={"image": str(image), "bytes": size})
 
     # --- subvolumes and qgroups -------------------------------------------------------
 
@@ -271,8 +295,35 @@ class Pool:
 
 
 def _create_sparse(path: Path, size: int) -> None:
-    with path.open("xb") as file:
-        file.truncate(size)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(descriptor, size)
+    except OSError as error:
+        if error.errno in {errno.EFBIG, errno.EINVAL}:
+            raise CommandError(
+                f"the filesystem holding {path.parent} cannot hold a file of {size} bytes: "
+                "make csi.pool.size smaller or put csi.pool.image on another filesystem"
+            ) from None
+        raise
+    finally:
+        os.close(descriptor)
+
+
+def _rename_durably(source: Path, target: Path) -> None:
+    source.replace(target)
+    directory = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def _is_empty_file(path: Path) -> bool:
+    try:
+        found = path.lstat()
+    except FileNotFoundError:
+        return False
+    return stat.S_ISREG(found.st_mode) and found.st_size == 0
 
 
 async def usage(path: Path) -> Usage:

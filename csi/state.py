@@ -20,6 +20,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from csi.files import private_directory
+
 STATE_FILE = "csi-state.json"
 FORMAT_VERSION = 1
 
@@ -185,6 +187,7 @@ class StateStore:
         self._saved = 0
 
     def load(self) -> State:
+        private_directory(self.path.parent)
         try:
             text = self.path.read_text(encoding="utf-8")
         except FileNotFoundError:
@@ -202,7 +205,6 @@ class StateStore:
                 return  # a write that serialized after our change already holds it
             covered = self._changes
             data = json.dumps(self.state.to_json(), indent=1, sort_keys=True).encode()
-            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             await asyncio.to_thread(_write_atomically, self.path, data)
             self._saved = covered
 

@@ -69,6 +69,7 @@ async def test_daemon_serves_csi_and_registers_with_the_plugin_watcher(
         ("pool", {"path": "relative"}, "csi.pool.path"),
         ("pool", {"path": "/p", "image": "/p.img"}, "size: required with image"),
         ("pool", {"path": "/p", "size": "1Gi"}, "size: only used with image"),
+        ("pool", {"path": "/p", "image": "/p.img", "size": "99999999Ti"}, "more than a file"),
         ("extra", 1, "csi.extra"),
     ],
 )
