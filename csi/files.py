@@ -17,13 +17,15 @@ import os
 import stat
 from pathlib import Path
 
+from csi.errors import SetupError
+
 log = logging.getLogger(__name__)
 
 DIRECTORY_MODE = 0o700
 FILE_MODE = 0o600
 
 
-class UnsafeFileError(Exception):
+class UnsafeFileError(SetupError):
     """A path the driver keeps private is of the wrong kind or someone else's."""
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from csi.config import PoolConfig
-from csi.errors import CommandError
+from csi.errors import CommandError, SetupError
 from csi.files import private_directory, private_file
 from csi.mounts import mounted_at
 from csi.system import run
@@ -300,7 +300,7 @@ def _create_sparse(path: Path, size: int) -> None:
         os.ftruncate(descriptor, size)
     except OSError as error:
         if error.errno in {errno.EFBIG, errno.EINVAL}:
-            raise CommandError(
+            raise SetupError(
                 f"the filesystem holding {path.parent} cannot hold a file of {size} bytes: "
                 "make csi.pool.size smaller or put csi.pool.image on another filesystem"
             ) from None

@@ -2,9 +2,14 @@
 
 It lives in one JSON file under stateDir, replaced atomically on every change
 (temp file, fsync, rename, fsync of the directory), so a crash leaves either the
-old or the new state, never a torn one. Records carry a status: an operation
-first records its intent ("pending"), then does the work, then records "ready";
-after a crash the reconciler finishes or undoes whatever is still pending.
+old or the new state, never a torn one. The file each write replaces stays
+beside it as csi-state.json.prev: if the current one is damaged anyway (a disk,
+an editor), the one before the last change is there to recover from. Records
+carry a status: an operation first records its intent ("pending"), then does
+the work, then records "ready"; after a crash the reconciler finishes or undoes
+whatever is still pending. A file the driver cannot read stops the driver
+(StateFileError) rather than being taken for an empty state, which would
+forget every volume.
 """
 
 from __future__ import annotations
@@ -20,9 +25,11 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from csi.errors import SetupError
 from csi.files import private_directory
 
 STATE_FILE = "csi-state.json"
+PREVIOUS_SUFFIX = ".prev"
 FORMAT_VERSION = 1
 
 
@@ -125,8 +132,6 @@ class State:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> State:
-        if data.get("version") != FORMAT_VERSION:
-            raise ValueError(f"unknown state format version {data.get('version')!r}")
         state = cls(
             volumes=_load_records(VolumeRecord, data.get("volumes", {})),
             snapshots=_load_records(SnapshotRecord, data.get("snapshots", {})),
@@ -155,6 +160,45 @@ class State:
         return next((g for g in self.group_snapshots.values() if g.name == name), None)
 
 
+class StateFileError(SetupError):
+    """The state file cannot be read: the message names it, the problem and the way out."""
+
+    def __init__(self, path: Path, problem: str) -> None:
+        previous = path.with_name(path.name + PREVIOUS_SUFFIX)
+        kept = "it exists" if previous.exists() else "it is missing"
+        super().__init__(
+            f"CSI state file {path} {problem}. The CSI driver is not serving; device plugins "
+            f"are. To recover, compare it with {previous} (the state before the last change; "
+            f"{kept}), copy the right one to {path} or repair it, then restart the daemon. "
+            f"Removing {path} would make the driver forget every volume (their data stays "
+            "in the pool)."
+        )
+
+
+def _parse(path: Path, text: str) -> State:
+    if not text.strip():
+        raise StateFileError(path, "is empty")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise StateFileError(path, f"is not valid JSON (truncated?): {error}") from None
+    if not isinstance(data, dict):
+        raise StateFileError(path, "does not hold a JSON object")
+    version = data.get("version")
+    if isinstance(version, int) and version > FORMAT_VERSION:
+        raise StateFileError(
+            path,
+            f"was written by a newer nodeplug (format version {version}; this one reads "
+            f"{FORMAT_VERSION}): run that version again",
+        )
+    if version != FORMAT_VERSION:
+        raise StateFileError(path, f"has an unknown format version {version!r}")
+    try:
+        return State.from_json(data)
+    except (TypeError, ValueError, AttributeError) as error:
+        raise StateFileError(path, f"holds a record this version cannot read: {error}") from None
+
+
 def _write_atomically(path: Path, data: bytes) -> None:
     descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -162,6 +206,7 @@ def _write_atomically(path: Path, data: bytes) -> None:
             file.write(data)
             file.flush()
             os.fsync(file.fileno())
+        _keep_previous(path)
         Path(temporary).replace(path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -172,6 +217,18 @@ def _write_atomically(path: Path, data: bytes) -> None:
         os.fsync(directory)
     finally:
         os.close(directory)
+
+
+def _keep_previous(path: Path) -> None:
+    """Make the file about to be replaced the .prev one (a hard link: no copy, atomic)."""
+    previous = path.with_name(path.name + PREVIOUS_SUFFIX)
+    linked = path.with_name(f".{previous.name}.new")
+    linked.unlink(missing_ok=True)
+    try:
+        linked.hardlink_to(path)
+    except FileNotFoundError:
+        return  # the first write: nothing before it
+    linked.replace(previous)
 
 
 class StateStore:
@@ -187,13 +244,18 @@ class StateStore:
         self._saved = 0
 
     def load(self) -> State:
+        """Read the state file (none yet: an empty state); StateFileError if it is unusable."""
         private_directory(self.path.parent)
         try:
             text = self.path.read_text(encoding="utf-8")
         except FileNotFoundError:
             self.state = State()
-        else:
-            self.state = State.from_json(json.loads(text))
+            return self.state
+        except UnicodeDecodeError:
+            raise StateFileError(self.path, "is not UTF-8 text") from None
+        except OSError as error:
+            raise StateFileError(self.path, f"cannot be read: {error.strerror}") from None
+        self.state = _parse(self.path, text)
         return self.state
 
     async def save(self) -> None:

@@ -14,7 +14,7 @@ import pytest
 from csi import files
 from csi.config import CsiConfig
 from csi.driver import CsiDriver
-from csi.errors import CommandError
+from csi.errors import SetupError
 from tests.csi.conftest import DRIVER, cleanup_below
 
 pytestmark = pytest.mark.root
@@ -142,7 +142,7 @@ async def test_a_pool_image_creation_that_fails_leaves_nothing(open_root: Path) 
     # ext4 (this machine's /tmp) holds files up to 16 TiB: creating the image fails.
     too_big = image_config(open_root, "17Ti")
     driver = CsiDriver(too_big, open_root / "kubelet", open_root / "state")
-    with pytest.raises(CommandError, match="cannot hold a file"):
+    with pytest.raises(SetupError, match="cannot hold a file"):
         await driver.start()
     assert not list(open_root.iterdir())
     # Fixed, it starts: nothing from the failed attempt is in the way.
