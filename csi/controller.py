@@ -45,6 +45,10 @@ def volume_key(volume_id: str) -> str:
     return f"volume:{volume_id}"
 
 
+def volume_name_key(name: str) -> str:
+    return f"volume-name:{name}"
+
+
 def snapshot_key(snapshot_id: str) -> str:
     return f"snapshot:{snapshot_id}"
 
@@ -178,51 +182,44 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         range_ = request.capacity_range if request.HasField("capacity_range") else None
         size = capacity.size_for(range_)
         self._check_topology(request.accessibility_requirements)
-        with self.driver.locks.hold(f"volume-name:{name}"):
+        key = volume_name_key(name)
+        with self.driver.locks.hold(key):
             source, source_size = self._source(request, block)
-            existing = self.driver.store.state.volume_by_name(name)
-            if existing is not None:
-                return csi_pb2.CreateVolumeResponse(
-                    volume=self._existing(existing, request, block, source)
+            record = self.driver.store.state.volume_by_name(name)
+            if record is None:
+                if source_size > size:
+                    if (
+                        range_ is not None
+                        and range_.limit_bytes
+                        and source_size > range_.limit_bytes
+                    ):
+                        raise OutOfRangeError(
+                            f"capacity_range: the source is {source_size} bytes, "
+                            "more than limit_bytes"
+                        )
+                    size = source_size
+                await self._check_space(size)
+                record = VolumeRecord(
+                    id=validation.new_id(validation.VOLUME_PREFIX),
+                    name=name,
+                    capacity=size,
+                    block=block,
+                    parameters={},
+                    source=source,
+                    created=time.time(),
                 )
-            if source_size > size:
-                if range_ is not None and range_.limit_bytes and source_size > range_.limit_bytes:
-                    raise OutOfRangeError(
-                        f"capacity_range: the source is {source_size} bytes, more than limit_bytes"
-                    )
-                size = source_size
-            await self._check_space(size)
-            kind, _, source_id = source.partition(":")
-            source_lock = (f"{kind}:{source_id}",) if kind else ()
-            record = VolumeRecord(
-                id=validation.new_id(validation.VOLUME_PREFIX),
-                name=name,
-                capacity=size,
-                block=block,
-                parameters={},
-                source=source,
-                created=time.time(),
-            )
-            with self.driver.locks.hold(volume_key(record.id), *source_lock):
-                await self._provision(record)
+                self.driver.operations.start(key, record, self._provision(record))
+            elif (
+                record.block != block
+                or record.source != source
+                or not capacity.fits(record.capacity, range_)
+            ):
+                raise AlreadyExistsError(
+                    f"a volume named {quoted(name)} exists with a different size, "
+                    "access type or source"
+                )
+        await self.driver.operations.settled(key, record, f"volume {quoted(name)}")
         return csi_pb2.CreateVolumeResponse(volume=self._response_volume(record))
-
-    def _existing(
-        self, record: VolumeRecord, request: csi_pb2.CreateVolumeRequest, block: bool, source: str
-    ) -> csi_pb2.Volume:
-        if record.status is not Status.READY:
-            raise AbortedError(f"volume {quoted(record.name)} is being created or deleted")
-        range_ = request.capacity_range if request.HasField("capacity_range") else None
-        if (
-            record.block != block
-            or record.source != source
-            or not capacity.fits(record.capacity, range_)
-        ):
-            raise AlreadyExistsError(
-                f"a volume named {quoted(record.name)} exists with a different size, "
-                "access type or source"
-            )
-        return self._response_volume(record)
 
     async def _check_space(self, size: int) -> None:
         if size > await self.driver.pool.total_bytes():
@@ -232,10 +229,11 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
             raise ResourceExhaustedError(f"the pool has {free} bytes free, {size} were asked for")
 
     async def _provision(self, record: VolumeRecord) -> None:
+        """Create the volume's subvolume (empty, or a snapshot of its source), recorded."""
         path = self.driver.pool.volume_path(record.id)
+        kind, _, source_id = record.source.partition(":")
 
         async def work() -> None:
-            kind, _, source_id = record.source.partition(":")
             if kind == "snapshot":
                 await self.driver.pool.snapshot(
                     self.driver.pool.snapshot_path(source_id), path, readonly=False
@@ -253,12 +251,15 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
             else:
                 await self.driver.pool.set_limit(path, record.capacity)
 
-        await create_recorded(
-            self.driver.store,
-            [(self.driver.store.state.volumes, record.id, record)],
-            work,
-            self._deleter(path),
-        )
+        # record.source ("snapshot:<id>", "volume:<id>") is also its source's lock key.
+        source_lock = [record.source] if kind else []
+        with self.driver.locks.hold(volume_key(record.id), *source_lock):
+            await create_recorded(
+                self.driver.store,
+                [(self.driver.store.state.volumes, record.id, record)],
+                work,
+                self._deleter(path),
+            )
 
     def _deleter(self, path: Path) -> Callable[[], Awaitable[None]]:
         async def delete() -> None:
@@ -424,20 +425,13 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         name = validation.name(request.name)
         if request.parameters:
             raise InvalidArgumentError("parameters: none are supported")
-        with self.driver.locks.hold(f"snapshot-name:{name}"):
-            existing = self.driver.store.state.snapshot_by_name(name)
-            if existing is not None:
-                if existing.source_volume_id != request.source_volume_id:
-                    raise AlreadyExistsError(
-                        f"a snapshot named {quoted(name)} exists for another volume"
-                    )
-                if existing.status is not Status.READY:
-                    raise AbortedError(f"snapshot {quoted(name)} is being created or deleted")
-                return csi_pb2.CreateSnapshotResponse(snapshot=snapshot_message(existing))
-            volume_id = validation.object_id(
-                request.source_volume_id, validation.VOLUME_PREFIX, "source_volume_id"
-            )
-            with self.driver.locks.hold(volume_key(volume_id)):
+        key = f"snapshot-name:{name}"
+        with self.driver.locks.hold(key):
+            record = self.driver.store.state.snapshot_by_name(name)
+            if record is None:
+                volume_id = validation.object_id(
+                    request.source_volume_id, validation.VOLUME_PREFIX, "source_volume_id"
+                )
                 volume = self.driver.volume(volume_id)
                 record = SnapshotRecord(
                     id=validation.new_id(validation.SNAPSHOT_PREFIX),
@@ -446,7 +440,12 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
                     size=volume.capacity,
                     created=time.time(),
                 )
-                await self._snapshot(record)
+                self.driver.operations.start(key, record, self._snapshot(record))
+            elif record.source_volume_id != request.source_volume_id:
+                raise AlreadyExistsError(
+                    f"a snapshot named {quoted(name)} exists for another volume"
+                )
+        await self.driver.operations.settled(key, record, f"snapshot {quoted(name)}")
         return csi_pb2.CreateSnapshotResponse(snapshot=snapshot_message(record))
 
     async def _snapshot(self, record: SnapshotRecord) -> None:
@@ -456,12 +455,13 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         async def work() -> None:
             await self.driver.pool.snapshot(source, path, readonly=True)
 
-        await create_recorded(
-            self.driver.store,
-            [(self.driver.store.state.snapshots, record.id, record)],
-            work,
-            self._deleter(path),
-        )
+        with self.driver.locks.hold(volume_key(record.source_volume_id)):
+            await create_recorded(
+                self.driver.store,
+                [(self.driver.store.state.snapshots, record.id, record)],
+                work,
+                self._deleter(path),
+            )
 
     @rpc
     async def DeleteSnapshot(

@@ -19,6 +19,7 @@ from csi.groupcontroller import GroupControllerServicer
 from csi.identity import IdentityServicer
 from csi.locks import OperationLocks
 from csi.node import NodeServicer
+from csi.operations import Operations
 from csi.pool import Pool
 from csi.reconcile import reconcile
 from csi.state import StateStore, Status, VolumeRecord
@@ -35,6 +36,7 @@ class CsiDriver:
         self.pool = Pool(config.pool)
         self.store = StateStore(state_dir)
         self.locks = OperationLocks()
+        self.operations = Operations()
         self.ready = False
         self.identity = IdentityServicer(self)
         self.controller = ControllerServicer(self)
@@ -66,6 +68,10 @@ class CsiDriver:
                 "volumes": len(self.store.state.volumes),
             },
         )
+
+    async def stop(self) -> None:
+        """Cancel the creates still running once the server has stopped serving."""
+        await self.operations.stop()
 
     def add_services(self, server: grpc.aio.Server) -> None:
         csi_pb2_grpc.add_IdentityServicer_to_server(self.identity, server)

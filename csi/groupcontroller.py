@@ -98,28 +98,30 @@ class GroupControllerServicer(csi_pb2_grpc.GroupControllerServicer):
             raise InvalidArgumentError("source_volume_ids: an id is empty")
         if len(set(sources)) != len(sources):
             raise InvalidArgumentError("source_volume_ids: a volume is named twice")
-        with self.driver.locks.hold(group_name_key(name)):
-            existing = self.driver.store.state.group_snapshot_by_name(name)
-            if existing is not None:
-                if sorted(existing.source_volume_ids) != sorted(sources):
-                    raise AlreadyExistsError(
-                        f"a group snapshot named {quoted(name)} exists for other volumes"
+        key = group_name_key(name)
+        with self.driver.locks.hold(key):
+            group = self.driver.store.state.group_snapshot_by_name(name)
+            if group is None:
+                volume_ids = [
+                    validation.object_id(
+                        source, validation.VOLUME_PREFIX, f"source_volume_ids[{i}]"
                     )
-                if existing.status is not Status.READY:
-                    raise AbortedError(f"group snapshot {quoted(name)} is being cut or deleted")
-                return csi_pb2.CreateVolumeGroupSnapshotResponse(
-                    group_snapshot=self._message(existing)
-                )
-            volume_ids = [
-                validation.object_id(source, validation.VOLUME_PREFIX, f"source_volume_ids[{i}]")
-                for i, source in enumerate(sources)
-            ]
-            with self.driver.locks.hold(*(volume_key(v) for v in volume_ids)):
+                    for i, source in enumerate(sources)
+                ]
                 volumes = [self.driver.volume(v) for v in volume_ids]
-                group = await self._cut(name, volumes)
+                group, members = self._records(name, volumes)
+                self.driver.operations.start(key, group, self._cut(group, members))
+            elif sorted(group.source_volume_ids) != sorted(sources):
+                raise AlreadyExistsError(
+                    f"a group snapshot named {quoted(name)} exists for other volumes"
+                )
+        await self.driver.operations.settled(key, group, f"group snapshot {quoted(name)}")
         return csi_pb2.CreateVolumeGroupSnapshotResponse(group_snapshot=self._message(group))
 
-    async def _cut(self, name: str, volumes: Sequence[VolumeRecord]) -> GroupSnapshotRecord:
+    @staticmethod
+    def _records(
+        name: str, volumes: Sequence[VolumeRecord]
+    ) -> tuple[GroupSnapshotRecord, list[SnapshotRecord]]:
         now = time.time()
         group = GroupSnapshotRecord(
             id=validation.new_id(validation.GROUP_SNAPSHOT_PREFIX),
@@ -139,6 +141,9 @@ class GroupControllerServicer(csi_pb2_grpc.GroupControllerServicer):
             )
             for snapshot_id, volume in zip(group.snapshot_ids, volumes, strict=True)
         ]
+        return group, members
+
+    async def _cut(self, group: GroupSnapshotRecord, members: Sequence[SnapshotRecord]) -> None:
         pool = self.driver.pool
         pairs = [(pool.volume_path(m.source_volume_id), pool.snapshot_path(m.id)) for m in members]
 
@@ -151,7 +156,7 @@ class GroupControllerServicer(csi_pb2_grpc.GroupControllerServicer):
                     return
                 await asyncio.sleep(CUT_RETRY_DELAY * 2**attempt)
             raise AbortedError(
-                f"the volumes of group snapshot {quoted(name)} were written to during "
+                f"the volumes of group snapshot {quoted(group.name)} were written to during "
                 f"each of {CUT_ATTEMPTS} cuts; try again"
             )
 
@@ -162,8 +167,8 @@ class GroupControllerServicer(csi_pb2_grpc.GroupControllerServicer):
         state = self.driver.store.state
         entries: list[Entry] = [(state.group_snapshots, group.id, group)]
         entries += [(state.snapshots, m.id, m) for m in members]
-        await create_recorded(self.driver.store, entries, work, undo)
-        return group
+        with self.driver.locks.hold(*(volume_key(v) for v in group.source_volume_ids)):
+            await create_recorded(self.driver.store, entries, work, undo)
 
     @staticmethod
     def _check_members(requested: Sequence[str], group: GroupSnapshotRecord) -> None:

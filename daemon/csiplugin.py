@@ -87,3 +87,4 @@ class CsiPlugin:
             await self.registration.run()
         finally:
             await self._sockets.stop(server, self.socket_path, SHUTDOWN_GRACE)
+            await self.driver.stop()
