@@ -42,6 +42,10 @@ RPCS = [
     ("controller", "ListSnapshots"),
     ("controller", "ControllerExpandVolume"),
     ("controller", "ControllerPublishVolume"),
+    ("controller", "GetSnapshot"),
+    ("group_controller", "CreateVolumeGroupSnapshot"),
+    ("group_controller", "DeleteVolumeGroupSnapshot"),
+    ("group_controller", "GetVolumeGroupSnapshot"),
     ("node", "NodeStageVolume"),
     ("node", "NodeUnstageVolume"),
     ("node", "NodePublishVolume"),
@@ -137,7 +141,8 @@ async def test_any_request_gets_a_clear_status(csi: Client, service: str, method
         str(csi.kubelet / "link"),
     ]
     stub = getattr(getattr(csi, service), method)
-    rpc = csi_pb2.DESCRIPTOR.services_by_name[service.capitalize()].methods_by_name[method]
+    proto_service = "".join(part.capitalize() for part in service.split("_"))
+    rpc = csi_pb2.DESCRIPTOR.services_by_name[proto_service].methods_by_name[method]
     request_type = message_factory.GetMessageClass(rpc.input_type)
 
     # Hypothesis draws the requests (it cannot drive a coroutine); the loop sends them.
