@@ -30,7 +30,14 @@ from csi.errors import (
     quoted,
     rpc,
 )
-from csi.state import SnapshotRecord, Status, VolumeRecord, create_recorded, delete_recorded
+from csi.state import (
+    SnapshotRecord,
+    Status,
+    VolumeRecord,
+    create_recorded,
+    delete_recorded,
+    live,
+)
 from csi.v1 import csi_pb2, csi_pb2_grpc
 
 if TYPE_CHECKING:
@@ -500,10 +507,8 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         snapshot_id = validation.object_id(
             request.snapshot_id, validation.SNAPSHOT_PREFIX, "snapshot_id"
         )
-        record = self.driver.store.state.snapshots.get(snapshot_id)
         # One being taken is there, not ready yet; one being deleted is gone.
-        if record is None or record.status is Status.DELETING:
-            raise NotFoundError(f"snapshot {snapshot_id} does not exist")
+        record = live(self.driver.store.state.snapshots, snapshot_id, "snapshot")
         return csi_pb2.GetSnapshotResponse(snapshot=snapshot_message(record))
 
     @rpc

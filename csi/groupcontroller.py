@@ -35,6 +35,7 @@ from csi.state import (
     VolumeRecord,
     create_recorded,
     delete_recorded,
+    live,
 )
 from csi.v1 import csi_pb2, csi_pb2_grpc
 
@@ -222,8 +223,6 @@ class GroupControllerServicer(csi_pb2_grpc.GroupControllerServicer):
         group_id = validation.object_id(
             request.group_snapshot_id, validation.GROUP_SNAPSHOT_PREFIX, "group_snapshot_id"
         )
-        group = self.driver.store.state.group_snapshots.get(group_id)
-        if group is None or group.status is Status.DELETING:
-            raise NotFoundError(f"group snapshot {group_id} does not exist")
+        group = live(self.driver.store.state.group_snapshots, group_id, "group snapshot")
         self._check_members(request.snapshot_ids, group)
         return csi_pb2.GetVolumeGroupSnapshotResponse(group_snapshot=self._message(group))

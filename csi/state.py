@@ -25,7 +25,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from csi.errors import SetupError
+from csi.errors import NotFoundError, SetupError
 from csi.files import private_directory
 
 STATE_FILE = "csi-state.json"
@@ -158,6 +158,14 @@ class State:
 
     def group_snapshot_by_name(self, name: str) -> GroupSnapshotRecord | None:
         return next((g for g in self.group_snapshots.values() if g.name == name), None)
+
+
+def live(table: dict[str, Rec], key: str, what: str) -> Rec:
+    """The record under key, ready or being created; NOT_FOUND if missing or being deleted."""
+    record = table.get(key)
+    if record is None or record.status is Status.DELETING:
+        raise NotFoundError(f"{what} {key} does not exist")
+    return record
 
 
 class StateFileError(SetupError):

@@ -131,15 +131,26 @@ async def staged_volume(csi: Client, capability: csi_pb2.VolumeCapability) -> st
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("block", [False, True], ids=["mount", "block"])
-async def test_publish_target_swapped_for_a_symlink(
-    csi: Client, outside: Path, block: bool
+@pytest.mark.parametrize(
+    ("block", "swapped"),
+    [(False, "target"), (True, "target"), (False, "parent")],
+    ids=["mount target", "block target", "mount parent"],
+)
+async def test_publish_path_swapped_for_a_symlink(
+    csi: Client, outside: Path, block: bool, swapped: str
 ) -> None:
+    """The target path flips between absent and a symlink outside, or its parent between a
+    real directory and such a symlink."""
     capability = block_capability() if block else mount_capability()
     volume_id = await staged_volume(csi, capability)
     pods = csi.kubelet / "pods"
-    pods.mkdir()
-    target = pods / "target"
+    (pods / "real").mkdir(parents=True)
+    target = pods / "target" if swapped == "target" else pods / "pod" / "target"
+    flipper = (
+        Flipper(target, outside, None)
+        if swapped == "target"
+        else Flipper(target.parent, outside, pods / "real")
+    )
     request = csi_pb2.NodePublishVolumeRequest(
         volume_id=volume_id,
         staging_target_path=str(csi.kubelet / "staging" / "stage"),
@@ -150,35 +161,11 @@ async def test_publish_target_swapped_for_a_symlink(
     codes = await race(
         csi,
         outside,
-        Flipper(target, outside, None),
+        flipper,
         lambda: csi.node.NodePublishVolume(request),
         lambda: csi.node.NodeUnpublishVolume(unpublish),
     )
     assert codes.get(Code.OK), codes
-
-
-@pytest.mark.timeout(300)
-async def test_publish_parent_swapped_for_a_symlink(csi: Client, outside: Path) -> None:
-    capability = mount_capability()
-    volume_id = await staged_volume(csi, capability)
-    pods = csi.kubelet / "pods"
-    (pods / "real").mkdir(parents=True)
-    parent = pods / "pod"
-    target = parent / "target"
-    request = csi_pb2.NodePublishVolumeRequest(
-        volume_id=volume_id,
-        staging_target_path=str(csi.kubelet / "staging" / "stage"),
-        target_path=str(target),
-        volume_capability=capability,
-    )
-    unpublish = csi_pb2.NodeUnpublishVolumeRequest(volume_id=volume_id, target_path=str(target))
-    await race(
-        csi,
-        outside,
-        Flipper(parent, outside, pods / "real"),
-        lambda: csi.node.NodePublishVolume(request),
-        lambda: csi.node.NodeUnpublishVolume(unpublish),
-    )
 
 
 @pytest.mark.timeout(300)

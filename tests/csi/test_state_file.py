@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import stat
@@ -12,10 +11,10 @@ import pytest
 
 from csi.state import StateFileError, StateStore, Status, VolumeRecord
 from daemon import config as configuration
-from daemon.supervisor import Daemon
 from deviceplugin.testkit import FakeKubelet
 from tests.csi.test_daemon import csi_socket, daemon_config, registration_socket
 from tests.daemon.test_operations import eventually, get
+from tests.deviceplugin.conftest import running
 
 MiB = 1024**2
 RESOURCE = "example.com/widget"
@@ -87,11 +86,7 @@ async def test_a_damaged_state_file_stops_only_the_csi_driver(
     (state / "csi-state.json").write_text('{"version": 1, "volumes": {"v')
     plugins = [{"resourceName": RESOURCE, "backend": "simulated", "config": {"count": 1}}]
     data = {**daemon_config(short_tmp, btrfs_pool), "devicePlugins": plugins}
-    config = configuration.parse(data)
-    daemon = Daemon(config, configuration.create_backends(config))
-    stop = asyncio.Event()
-    task = asyncio.create_task(daemon.run(stop))
-    try:
+    async with running(configuration.parse(data)) as daemon:
         await kubelet.wait_for_devices(RESOURCE, lambda devices: len(devices) == 1)
         await eventually(lambda: bool(daemon.problems()))
         status, body = await get(daemon, "/readyz")
@@ -106,9 +101,5 @@ async def test_a_damaged_state_file_stops_only_the_csi_driver(
         assert not registration_socket(short_tmp).exists()
         health, _ = await get(daemon, "/healthz")
         assert health == 200, "liveness holds: a restart would not fix the file"
-        assert not task.done()
         logged = [r for r in caplog.records if r.levelno == logging.ERROR]
         assert any(getattr(r, "problem", "") == problem for r in logged)
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, timeout=10)
