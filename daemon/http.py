@@ -70,4 +70,7 @@ class StatusServer:
         readiness = self.daemon.readiness()
         waiting = sorted(name for name, ready in readiness.items() if not ready)
         status = 503 if waiting else 200
-        return web.json_response({"ready": not waiting, "waiting_for": waiting}, status=status)
+        body: dict[str, object] = {"ready": not waiting, "waiting_for": waiting}
+        if problems := self.daemon.problems():
+            body["problems"] = problems
+        return web.json_response(body, status=status)
