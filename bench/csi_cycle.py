@@ -2,6 +2,12 @@
 
     sudo .venv/bin/python bench/csi_cycle.py [--cycles 40] [--clients 8]
 
+A second table gives the latency of each controller call the CSI sidecars make
+(CreateVolume, CreateSnapshot, DeleteSnapshot, DeleteVolume) with `--clients` of
+them at once on volumes holding freshly written data, against the bare btrfs
+commands: its p99 and max are what the sidecars' --timeout must leave room for
+(manifests/daemonset.yaml).
+
 One cycle is what a pod's volume costs the driver: CreateVolume, NodeStageVolume,
 NodePublishVolume, NodeUnpublishVolume, NodeUnstageVolume, DeleteVolume, each a
 gRPC call over the Unix socket with state saved (fsync) at every step. The
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -113,6 +120,82 @@ async def bare_cycle(pool: Path, kubelet: Path, index: str, *, block: bool, pref
     await run("btrfs", "subvolume", "delete", str(subvolume))
 
 
+def write_unsynced(directory: Path, size: int) -> None:
+    """Data a snapshot has to flush first, as a busy volume has."""
+    with (directory / "data").open("wb") as file:
+        file.write(os.urandom(size))
+
+
+async def controller_calls(
+    channel: grpc.aio.Channel, pool: Path, count: int, clients: int
+) -> dict[str, list[float]]:
+    """Latency of each sidecar-facing call, `clients` at a time, on volumes with new data."""
+    controller = csi_pb2_grpc.ControllerStub(channel)
+    volumes: dict[str, str] = {}
+    snapshots: dict[str, str] = {}
+
+    async def create_volume(index: str) -> None:
+        volume = (
+            await controller.CreateVolume(
+                csi_pb2.CreateVolumeRequest(
+                    name=f"latency-{index}",
+                    capacity_range=csi_pb2.CapacityRange(required_bytes=64 * MiB),
+                    volume_capabilities=[capability(False)],
+                )
+            )
+        ).volume
+        volumes[index] = volume.volume_id
+
+    async def create_snapshot(index: str) -> None:
+        request = csi_pb2.CreateSnapshotRequest(
+            source_volume_id=volumes[index], name=f"latency-{index}"
+        )
+        snapshots[index] = (await controller.CreateSnapshot(request)).snapshot.snapshot_id
+
+    async def delete_snapshot(index: str) -> None:
+        await controller.DeleteSnapshot(csi_pb2.DeleteSnapshotRequest(snapshot_id=snapshots[index]))
+
+    async def delete_volume(index: str) -> None:
+        await controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=volumes[index]))
+
+    latencies = {"CreateVolume": (await measure(create_volume, count, clients))[0]}
+    for volume_id in volumes.values():
+        await asyncio.to_thread(write_unsynced, pool / "volumes" / volume_id, 8 * MiB)
+    latencies["CreateSnapshot"] = (await measure(create_snapshot, count, clients))[0]
+    latencies["DeleteSnapshot"] = (await measure(delete_snapshot, count, clients))[0]
+    latencies["DeleteVolume"] = (await measure(delete_volume, count, clients))[0]
+    return latencies
+
+
+async def bare_calls(pool: Path, count: int, clients: int) -> dict[str, list[float]]:
+    """The btrfs commands behind the same calls, run directly."""
+    bare = pool / "bare-calls"
+    bare.mkdir()
+
+    async def create_volume(index: str) -> None:
+        await run("btrfs", "subvolume", "create", str(bare / index))
+        await run("btrfs", "qgroup", "limit", str(64 * MiB), str(bare / index))
+
+    async def create_snapshot(index: str) -> None:
+        await run(
+            "btrfs", "subvolume", "snapshot", "-r", str(bare / index), str(bare / f"s{index}")
+        )
+
+    async def delete(name: str) -> None:
+        await run("btrfs", "property", "set", "-ts", str(bare / name), "ro", "false")
+        await run("btrfs", "subvolume", "delete", "--commit-after", str(bare / name))
+
+    latencies = {"CreateVolume": (await measure(create_volume, count, clients))[0]}
+    for index in range(count):
+        await asyncio.to_thread(write_unsynced, bare / f"c{index}", 8 * MiB)
+    latencies["CreateSnapshot"] = (await measure(create_snapshot, count, clients))[0]
+    latencies["DeleteSnapshot"] = (
+        await measure(lambda index: delete(f"s{index}"), count, clients)
+    )[0]
+    latencies["DeleteVolume"] = (await measure(delete, count, clients))[0]
+    return latencies
+
+
 async def measure(
     cycle: Callable[[str], Awaitable[None]], cycles: int, clients: int
 ) -> tuple[list[float], float]:
@@ -179,6 +262,17 @@ async def bench(root: Path, cycles: int, clients: int) -> None:
                         f"{kind + ' ' + label:<22}{width:>8}{percentile(lat, 0.5) * 1e3:>9.1f}"
                         f"{percentile(lat, 0.99) * 1e3:>9.1f}{cycles / total:>10.1f}{ratio:>9.2f}"
                     )
+            header = f"{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'p99 vs bare':>13}"
+            print(f"\n{'call':<16}{'clients':>8}{header}")
+            bare_latencies = await bare_calls(pool, cycles, clients)
+            our_latencies = await controller_calls(channel, pool, cycles, clients)
+            for call, ours in our_latencies.items():
+                bare_p99 = percentile(bare_latencies[call], 0.99)
+                print(
+                    f"{call:<16}{clients:>8}{percentile(ours, 0.5) * 1e3:>9.1f}"
+                    f"{percentile(ours, 0.99) * 1e3:>9.1f}{max(ours) * 1e3:>9.1f}"
+                    f"{percentile(ours, 0.99) / bare_p99:>13.2f}"
+                )
         await server.stop(None)
     finally:
         await run("umount", "-l", str(pool), check=False)

@@ -37,6 +37,9 @@ _UNITS = {
 _QUANTITY = re.compile(r"^([0-9]+)(|k|M|G|T|Ki|Mi|Gi|Ti)$")
 # mkfs.btrfs refuses smaller filesystems.
 MIN_POOL_IMAGE_SIZE = 128 * 1024**2
+# The largest file Linux can make (off_t); the filesystem holding the image may allow less,
+# which creating the image finds out (and then leaves nothing behind).
+MAX_POOL_IMAGE_SIZE = 2**63 - 1
 
 
 def parse_quantity(value: object) -> int:
@@ -94,6 +97,11 @@ class PoolConfig(_Section):
                 raise ValueError("size: required with image")
             if self.size < MIN_POOL_IMAGE_SIZE:
                 raise ValueError(f"size: at least {MIN_POOL_IMAGE_SIZE} bytes for btrfs")
+            if self.size > MAX_POOL_IMAGE_SIZE:
+                raise ValueError(
+                    f"size: {self.size} bytes is more than a file can hold "
+                    f"({MAX_POOL_IMAGE_SIZE} bytes)"
+                )
         return self
 
 

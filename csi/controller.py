@@ -30,7 +30,14 @@ from csi.errors import (
     quoted,
     rpc,
 )
-from csi.state import SnapshotRecord, Status, VolumeRecord, create_recorded, delete_recorded
+from csi.state import (
+    SnapshotRecord,
+    Status,
+    VolumeRecord,
+    create_recorded,
+    delete_recorded,
+    live,
+)
 from csi.v1 import csi_pb2, csi_pb2_grpc
 
 if TYPE_CHECKING:
@@ -43,6 +50,10 @@ T = TypeVar("T")
 
 def volume_key(volume_id: str) -> str:
     return f"volume:{volume_id}"
+
+
+def volume_name_key(name: str) -> str:
+    return f"volume-name:{name}"
 
 
 def snapshot_key(snapshot_id: str) -> str:
@@ -74,6 +85,17 @@ def timestamp(seconds: float) -> timestamp_pb2.Timestamp:
     return stamp
 
 
+def snapshot_message(record: SnapshotRecord) -> csi_pb2.Snapshot:
+    return csi_pb2.Snapshot(
+        size_bytes=record.size,
+        snapshot_id=record.id,
+        source_volume_id=record.source_volume_id,
+        creation_time=timestamp(record.created),
+        ready_to_use=record.status is Status.READY,
+        group_snapshot_id=record.group_snapshot_id,
+    )
+
+
 class ControllerServicer(csi_pb2_grpc.ControllerServicer):
     CAPABILITIES = tuple(
         csi_pb2.ControllerServiceCapability(rpc=RPC(type=kind))
@@ -86,6 +108,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
             RPC.CLONE_VOLUME,
             RPC.EXPAND_VOLUME,
             RPC.SINGLE_NODE_MULTI_WRITER,
+            RPC.GET_SNAPSHOT,
         )
     )
 
@@ -155,6 +178,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
     async def CreateVolume(
         self, request: csi_pb2.CreateVolumeRequest, context: Context
     ) -> csi_pb2.CreateVolumeResponse:
+        validation.required(request, "name", "volume_capabilities")
         name = validation.name(request.name)
         block = validation.capabilities(list(request.volume_capabilities))
         if request.parameters:
@@ -165,51 +189,44 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         range_ = request.capacity_range if request.HasField("capacity_range") else None
         size = capacity.size_for(range_)
         self._check_topology(request.accessibility_requirements)
-        with self.driver.locks.hold(f"volume-name:{name}"):
+        key = volume_name_key(name)
+        with self.driver.locks.hold(key):
             source, source_size = self._source(request, block)
-            existing = self.driver.store.state.volume_by_name(name)
-            if existing is not None:
-                return csi_pb2.CreateVolumeResponse(
-                    volume=self._existing(existing, request, block, source)
+            record = self.driver.store.state.volume_by_name(name)
+            if record is None:
+                if source_size > size:
+                    if (
+                        range_ is not None
+                        and range_.limit_bytes
+                        and source_size > range_.limit_bytes
+                    ):
+                        raise OutOfRangeError(
+                            f"capacity_range: the source is {source_size} bytes, "
+                            "more than limit_bytes"
+                        )
+                    size = source_size
+                await self._check_space(size)
+                record = VolumeRecord(
+                    id=validation.new_id(validation.VOLUME_PREFIX),
+                    name=name,
+                    capacity=size,
+                    block=block,
+                    parameters={},
+                    source=source,
+                    created=time.time(),
                 )
-            if source_size > size:
-                if range_ is not None and range_.limit_bytes and source_size > range_.limit_bytes:
-                    raise OutOfRangeError(
-                        f"capacity_range: the source is {source_size} bytes, more than limit_bytes"
-                    )
-                size = source_size
-            await self._check_space(size)
-            kind, _, source_id = source.partition(":")
-            source_lock = (f"{kind}:{source_id}",) if kind else ()
-            record = VolumeRecord(
-                id=validation.new_id(validation.VOLUME_PREFIX),
-                name=name,
-                capacity=size,
-                block=block,
-                parameters={},
-                source=source,
-                created=time.time(),
-            )
-            with self.driver.locks.hold(volume_key(record.id), *source_lock):
-                await self._provision(record)
+                self.driver.operations.start(key, record, self._provision(record))
+            elif (
+                record.block != block
+                or record.source != source
+                or not capacity.fits(record.capacity, range_)
+            ):
+                raise AlreadyExistsError(
+                    f"a volume named {quoted(name)} exists with a different size, "
+                    "access type or source"
+                )
+        await self.driver.operations.settled(key, record, f"volume {quoted(name)}")
         return csi_pb2.CreateVolumeResponse(volume=self._response_volume(record))
-
-    def _existing(
-        self, record: VolumeRecord, request: csi_pb2.CreateVolumeRequest, block: bool, source: str
-    ) -> csi_pb2.Volume:
-        if record.status is not Status.READY:
-            raise AbortedError(f"volume {quoted(record.name)} is being created or deleted")
-        range_ = request.capacity_range if request.HasField("capacity_range") else None
-        if (
-            record.block != block
-            or record.source != source
-            or not capacity.fits(record.capacity, range_)
-        ):
-            raise AlreadyExistsError(
-                f"a volume named {quoted(record.name)} exists with a different size, "
-                "access type or source"
-            )
-        return self._response_volume(record)
 
     async def _check_space(self, size: int) -> None:
         if size > await self.driver.pool.total_bytes():
@@ -219,10 +236,11 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
             raise ResourceExhaustedError(f"the pool has {free} bytes free, {size} were asked for")
 
     async def _provision(self, record: VolumeRecord) -> None:
+        """Create the volume's subvolume (empty, or a snapshot of its source), recorded."""
         path = self.driver.pool.volume_path(record.id)
+        kind, _, source_id = record.source.partition(":")
 
         async def work() -> None:
-            kind, _, source_id = record.source.partition(":")
             if kind == "snapshot":
                 await self.driver.pool.snapshot(
                     self.driver.pool.snapshot_path(source_id), path, readonly=False
@@ -240,14 +258,15 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
             else:
                 await self.driver.pool.set_limit(path, record.capacity)
 
-        await create_recorded(
-            self.driver.store,
-            self.driver.store.state.volumes,
-            record.id,
-            record,
-            work,
-            self._deleter(path),
-        )
+        # record.source ("snapshot:<id>", "volume:<id>") is also its source's lock key.
+        source_lock = [record.source] if kind else []
+        with self.driver.locks.hold(volume_key(record.id), *source_lock):
+            await create_recorded(
+                self.driver.store,
+                [(self.driver.store.state.volumes, record.id, record)],
+                work,
+                self._deleter(path),
+            )
 
     def _deleter(self, path: Path) -> Callable[[], Awaitable[None]]:
         async def delete() -> None:
@@ -259,6 +278,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
     async def DeleteVolume(
         self, request: csi_pb2.DeleteVolumeRequest, context: Context
     ) -> csi_pb2.DeleteVolumeResponse:
+        validation.required(request, "volume_id")
         try:
             volume_id = validation.object_id(
                 request.volume_id, validation.VOLUME_PREFIX, "volume_id"
@@ -277,7 +297,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
             with self.driver.locks.hold(f"volume-name:{record.name}"):
                 path = self.driver.pool.volume_path(volume_id)
                 await delete_recorded(
-                    self.driver.store, state.volumes, volume_id, self._deleter(path)
+                    self.driver.store, [(state.volumes, volume_id, record)], self._deleter(path)
                 )
         return csi_pb2.DeleteVolumeResponse()
 
@@ -285,9 +305,11 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
     async def ValidateVolumeCapabilities(
         self, request: csi_pb2.ValidateVolumeCapabilitiesRequest, context: Context
     ) -> csi_pb2.ValidateVolumeCapabilitiesResponse:
+        validation.required(request, "volume_id", "volume_capabilities")
+        # Malformed capabilities are a bad request; unsupported ones an unconfirmed answer.
+        for index, item in enumerate(request.volume_capabilities):
+            validation.well_formed(item, f"volume_capabilities[{index}]")
         volume_id = validation.object_id(request.volume_id, validation.VOLUME_PREFIX, "volume_id")
-        if not request.volume_capabilities:
-            raise InvalidArgumentError("volume_capabilities is required")
         record = self.driver.volume(volume_id)
         try:
             block = validation.capabilities(list(request.volume_capabilities))
@@ -356,10 +378,9 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
     async def ControllerExpandVolume(
         self, request: csi_pb2.ControllerExpandVolumeRequest, context: Context
     ) -> csi_pb2.ControllerExpandVolumeResponse:
-        volume_id = validation.object_id(request.volume_id, validation.VOLUME_PREFIX, "volume_id")
-        if not request.HasField("capacity_range"):
-            raise InvalidArgumentError("capacity_range is required")
+        validation.required(request, "volume_id", "capacity_range")
         size = capacity.size_for(request.capacity_range)
+        volume_id = validation.object_id(request.volume_id, validation.VOLUME_PREFIX, "volume_id")
         with self.driver.locks.hold(volume_key(volume_id)):
             record = self.driver.volume(volume_id)
             if size > record.capacity:
@@ -401,46 +422,23 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
     ) -> csi_pb2.ControllerModifyVolumeResponse:
         raise UnimplementedError("no MODIFY_VOLUME capability")
 
-    @rpc
-    async def GetSnapshot(
-        self, request: csi_pb2.GetSnapshotRequest, context: Context
-    ) -> csi_pb2.GetSnapshotResponse:
-        raise UnimplementedError("no GET_SNAPSHOT capability")
-
     # --- snapshots ----------------------------------------------------------------------
-
-    def _response_snapshot(self, record: SnapshotRecord) -> csi_pb2.Snapshot:
-        return csi_pb2.Snapshot(
-            size_bytes=record.size,
-            snapshot_id=record.id,
-            source_volume_id=record.source_volume_id,
-            creation_time=timestamp(record.created),
-            ready_to_use=True,
-        )
 
     @rpc
     async def CreateSnapshot(
         self, request: csi_pb2.CreateSnapshotRequest, context: Context
     ) -> csi_pb2.CreateSnapshotResponse:
-        if not request.source_volume_id:
-            raise InvalidArgumentError("source_volume_id is required")
+        validation.required(request, "name", "source_volume_id")
         name = validation.name(request.name)
         if request.parameters:
             raise InvalidArgumentError("parameters: none are supported")
-        with self.driver.locks.hold(f"snapshot-name:{name}"):
-            existing = self.driver.store.state.snapshot_by_name(name)
-            if existing is not None:
-                if existing.source_volume_id != request.source_volume_id:
-                    raise AlreadyExistsError(
-                        f"a snapshot named {quoted(name)} exists for another volume"
-                    )
-                if existing.status is not Status.READY:
-                    raise AbortedError(f"snapshot {quoted(name)} is being created or deleted")
-                return csi_pb2.CreateSnapshotResponse(snapshot=self._response_snapshot(existing))
-            volume_id = validation.object_id(
-                request.source_volume_id, validation.VOLUME_PREFIX, "source_volume_id"
-            )
-            with self.driver.locks.hold(volume_key(volume_id)):
+        key = f"snapshot-name:{name}"
+        with self.driver.locks.hold(key):
+            record = self.driver.store.state.snapshot_by_name(name)
+            if record is None:
+                volume_id = validation.object_id(
+                    request.source_volume_id, validation.VOLUME_PREFIX, "source_volume_id"
+                )
                 volume = self.driver.volume(volume_id)
                 record = SnapshotRecord(
                     id=validation.new_id(validation.SNAPSHOT_PREFIX),
@@ -449,8 +447,13 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
                     size=volume.capacity,
                     created=time.time(),
                 )
-                await self._snapshot(record)
-        return csi_pb2.CreateSnapshotResponse(snapshot=self._response_snapshot(record))
+                self.driver.operations.start(key, record, self._snapshot(record))
+            elif record.source_volume_id != request.source_volume_id:
+                raise AlreadyExistsError(
+                    f"a snapshot named {quoted(name)} exists for another volume"
+                )
+        await self.driver.operations.settled(key, record, f"snapshot {quoted(name)}")
+        return csi_pb2.CreateSnapshotResponse(snapshot=snapshot_message(record))
 
     async def _snapshot(self, record: SnapshotRecord) -> None:
         path = self.driver.pool.snapshot_path(record.id)
@@ -459,19 +462,19 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         async def work() -> None:
             await self.driver.pool.snapshot(source, path, readonly=True)
 
-        await create_recorded(
-            self.driver.store,
-            self.driver.store.state.snapshots,
-            record.id,
-            record,
-            work,
-            self._deleter(path),
-        )
+        with self.driver.locks.hold(volume_key(record.source_volume_id)):
+            await create_recorded(
+                self.driver.store,
+                [(self.driver.store.state.snapshots, record.id, record)],
+                work,
+                self._deleter(path),
+            )
 
     @rpc
     async def DeleteSnapshot(
         self, request: csi_pb2.DeleteSnapshotRequest, context: Context
     ) -> csi_pb2.DeleteSnapshotResponse:
+        validation.required(request, "snapshot_id")
         try:
             snapshot_id = validation.object_id(
                 request.snapshot_id, validation.SNAPSHOT_PREFIX, "snapshot_id"
@@ -483,12 +486,30 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
             record = state.snapshots.get(snapshot_id)
             if record is None:
                 return csi_pb2.DeleteSnapshotResponse()
+            if record.group_snapshot_id:
+                # The spec lets us refuse: a group's snapshots go with the group.
+                raise FailedPreconditionError(
+                    f"snapshot {snapshot_id} belongs to group snapshot "
+                    f"{record.group_snapshot_id}: delete the group"
+                )
             with self.driver.locks.hold(f"snapshot-name:{record.name}"):
                 path = self.driver.pool.snapshot_path(snapshot_id)
                 await delete_recorded(
-                    self.driver.store, state.snapshots, snapshot_id, self._deleter(path)
+                    self.driver.store, [(state.snapshots, snapshot_id, record)], self._deleter(path)
                 )
         return csi_pb2.DeleteSnapshotResponse()
+
+    @rpc
+    async def GetSnapshot(
+        self, request: csi_pb2.GetSnapshotRequest, context: Context
+    ) -> csi_pb2.GetSnapshotResponse:
+        validation.required(request, "snapshot_id")
+        snapshot_id = validation.object_id(
+            request.snapshot_id, validation.SNAPSHOT_PREFIX, "snapshot_id"
+        )
+        # One being taken is there, not ready yet; one being deleted is gone.
+        record = live(self.driver.store.state.snapshots, snapshot_id, "snapshot")
+        return csi_pb2.GetSnapshotResponse(snapshot=snapshot_message(record))
 
     @rpc
     async def ListSnapshots(
@@ -506,8 +527,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         )
         return csi_pb2.ListSnapshotsResponse(
             entries=[
-                csi_pb2.ListSnapshotsResponse.Entry(snapshot=self._response_snapshot(s))
-                for s in chosen
+                csi_pb2.ListSnapshotsResponse.Entry(snapshot=snapshot_message(s)) for s in chosen
             ],
             next_token=next_token,
         )

@@ -15,9 +15,11 @@ import grpc
 from csi.config import CsiConfig
 from csi.controller import ControllerServicer
 from csi.errors import NotFoundError
+from csi.groupcontroller import GroupControllerServicer
 from csi.identity import IdentityServicer
 from csi.locks import OperationLocks
 from csi.node import NodeServicer
+from csi.operations import Operations
 from csi.pool import Pool
 from csi.reconcile import reconcile
 from csi.state import StateStore, Status, VolumeRecord
@@ -34,9 +36,11 @@ class CsiDriver:
         self.pool = Pool(config.pool)
         self.store = StateStore(state_dir)
         self.locks = OperationLocks()
+        self.operations = Operations()
         self.ready = False
         self.identity = IdentityServicer(self)
         self.controller = ControllerServicer(self)
+        self.group_controller = GroupControllerServicer(self)
         self.node = NodeServicer(self)
 
     @property
@@ -65,7 +69,12 @@ class CsiDriver:
             },
         )
 
+    async def stop(self) -> None:
+        """Cancel the creates still running once the server has stopped serving."""
+        await self.operations.stop()
+
     def add_services(self, server: grpc.aio.Server) -> None:
         csi_pb2_grpc.add_IdentityServicer_to_server(self.identity, server)
         csi_pb2_grpc.add_ControllerServicer_to_server(self.controller, server)
+        csi_pb2_grpc.add_GroupControllerServicer_to_server(self.group_controller, server)
         csi_pb2_grpc.add_NodeServicer_to_server(self.node, server)

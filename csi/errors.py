@@ -21,6 +21,14 @@ R = TypeVar("R")
 S = TypeVar("S")
 
 
+class SetupError(Exception):
+    """The driver cannot start until an admin fixes something; the message says what and how.
+
+    Restarting the daemon would not help, so the daemon stops only the CSI driver
+    and reports the message (log, /readyz) while the device plugins go on.
+    """
+
+
 class CsiError(Exception):
     code = grpc.StatusCode.INTERNAL
 

@@ -1,14 +1,13 @@
-"""Mount table reading and the mount operations the node service needs."""
+"""Mount table reading, and the mount operations the node service needs (through safepath)."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from csi.errors import CommandError
-from csi.system import run
+from csi import safepath
 
 MOUNTINFO = Path("/proc/self/mountinfo")
 
@@ -62,32 +61,50 @@ async def mounted_at(path: Path) -> Mount | None:
     return found
 
 
-async def bind(source: Path, target: Path, readonly: bool, options: list[str]) -> None:
-    """Bind-mount source onto target; read-only needs a remount (the kernel ignores ro on bind)."""
-    await run("mount", "--bind", "--", str(source), str(target))
-    extra = [o for o in options if o not in {"bind", "rw", "ro"}]
-    if readonly or extra:
-        flags = ",".join(["remount", "bind", "ro" if readonly else "rw", *extra])
-        try:
-            await run("mount", "-o", flags, "--", str(target))
-        except CommandError:
-            await unmount(target)
-            raise
+async def bind(
+    source: Path,
+    root: Path,
+    target: Path,
+    readonly: bool,
+    options: Sequence[str],
+    file: bool = False,
+) -> None:
+    """Bind-mount a path the driver owns (a subvolume, a loop device) at a request path.
+
+    target, beneath root, is created as a directory (or a file) if missing; see safepath.
+    """
+
+    def mount() -> None:
+        with safepath.cloned(source) as tree:
+            attributes = safepath.mount_attributes(options, readonly)
+            safepath.attach(tree, root, target, attributes, file)
+
+    await asyncio.to_thread(mount)
 
 
-async def unmount(path: Path) -> None:
-    """Unmount every mount stacked at path; lazily if the filesystem is busy."""
+async def rebind(
+    root: Path, source: Path, target: Path, readonly: bool, options: Sequence[str]
+) -> None:
+    """Bind-mount what is mounted at one request path (a staging path) at another."""
+
+    def mount() -> None:
+        with safepath.cloned_beneath(root, source) as tree:
+            attributes = safepath.mount_attributes(options, readonly)
+            safepath.attach(tree, root, target, attributes, file=False)
+
+    await asyncio.to_thread(mount)
+
+
+async def make_directory(root: Path, path: Path) -> None:
+    await asyncio.to_thread(safepath.make_directory, root, path, 0o750)
+
+
+async def unmount(root: Path, path: Path) -> None:
+    """Unmount every mount stacked at path (beneath root); lazily if one is busy."""
     while await mounted_at(path) is not None:
-        try:
-            await run("umount", "--", str(path))
-        except CommandError:
-            await run("umount", "-l", "--", str(path))
+        await asyncio.to_thread(safepath.unmount, root, path)
 
 
-async def remove_mount_point(path: Path) -> None:
+async def remove_mount_point(root: Path, path: Path) -> None:
     """Remove the file or empty directory the driver created as a mount point."""
-    with contextlib.suppress(FileNotFoundError):
-        if path.is_dir() and not path.is_symlink():
-            await asyncio.to_thread(path.rmdir)
-        else:
-            await asyncio.to_thread(path.unlink)
+    await asyncio.to_thread(safepath.remove, root, path)

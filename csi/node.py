@@ -10,7 +10,6 @@ request must be inside the kubelet's directory (see validation.request_path).
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
@@ -68,12 +67,8 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
     def _path(self, value: str, field: str) -> Path:
         return validation.request_path(value, self.driver.kubelet_dir, field)
 
-    def _capability(
-        self, request_capability: csi_pb2.VolumeCapability, has: bool, volume: VolumeRecord
-    ) -> None:
-        if not has:
-            raise InvalidArgumentError("volume_capability is required")
-        validation.capability(request_capability, "volume_capability")
+    @staticmethod
+    def _access_type(request_capability: csi_pb2.VolumeCapability, volume: VolumeRecord) -> None:
         if (request_capability.WhichOneof("access_type") == "block") != volume.block:
             kind = "block" if volume.block else "filesystem"
             raise InvalidArgumentError(f"volume_capability: volume {volume.id} is a {kind} volume")
@@ -84,13 +79,13 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
     async def NodeStageVolume(
         self, request: csi_pb2.NodeStageVolumeRequest, context: Context
     ) -> csi_pb2.NodeStageVolumeResponse:
-        volume_id = validation.object_id(request.volume_id, validation.VOLUME_PREFIX, "volume_id")
+        validation.required(request, "volume_id", "staging_target_path", "volume_capability")
         path = self._path(request.staging_target_path, "staging_target_path")
-        if not request.HasField("volume_capability"):
-            raise InvalidArgumentError("volume_capability is required")
+        validation.capability(request.volume_capability, "volume_capability")
+        volume_id = validation.object_id(request.volume_id, validation.VOLUME_PREFIX, "volume_id")
         with self.driver.locks.hold(volume_key(volume_id)):
             volume = self.driver.volume(volume_id)
-            self._capability(request.volume_capability, True, volume)
+            self._access_type(request.volume_capability, volume)
             key = validation.capability_key(request.volume_capability)
             state = self.driver.store.state
             existing = state.stagings.get(str(path))
@@ -121,7 +116,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
                 await self._unstage(record)
 
             await create_recorded(
-                self.driver.store, state.stagings, record.path, record, work, undo
+                self.driver.store, [(state.stagings, record.path, record)], work, undo
             )
         return csi_pb2.NodeStageVolumeResponse()
 
@@ -129,8 +124,8 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         self, volume: VolumeRecord, record: StageRecord, capability: csi_pb2.VolumeCapability
     ) -> None:
         path = Path(record.path)
-        await asyncio.to_thread(path.mkdir, mode=0o750, exist_ok=True)
         if volume.block:
+            await mounts.make_directory(self.driver.kubelet_dir, path)
             record.loop_device = await self.driver.pool.attach(
                 self.driver.pool.disk_path(volume.id)
             )
@@ -138,10 +133,11 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         source = self.driver.pool.volume_path(volume.id)
         if not is_subvolume(source):
             raise NotFoundError(f"volume {volume.id} has no data on this node")
-        await mounts.bind(source, path, readonly=False, options=list(capability.mount.mount_flags))
+        options = list(capability.mount.mount_flags)
+        await mounts.bind(source, self.driver.kubelet_dir, path, readonly=False, options=options)
 
     async def _unstage(self, record: StageRecord) -> None:
-        await mounts.unmount(Path(record.path))
+        await mounts.unmount(self.driver.kubelet_dir, Path(record.path))
         disk = self.driver.pool.disk_path(record.volume_id)
         if disk.exists():
             for device in await self.driver.pool.loop_devices(disk):
@@ -151,9 +147,11 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
     async def NodeUnstageVolume(
         self, request: csi_pb2.NodeUnstageVolumeRequest, context: Context
     ) -> csi_pb2.NodeUnstageVolumeResponse:
-        volume_id = validation.object_id(request.volume_id, validation.VOLUME_PREFIX, "volume_id")
+        validation.required(request, "volume_id", "staging_target_path")
         path = self._path(request.staging_target_path, "staging_target_path")
-        await self._tear_down(self.driver.store.state.stagings, path, volume_id, self._unstage)
+        await self._tear_down(
+            self.driver.store.state.stagings, path, request.volume_id, self._unstage
+        )
         return csi_pb2.NodeUnstageVolumeResponse()
 
     async def _tear_down(
@@ -163,14 +161,20 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         volume_id: str,
         undo: Callable[[Rec], Awaitable[None]],
     ) -> None:
-        """Undo the staging or publication of volume_id at path; OK if there is none."""
+        """Undo the staging or publication of volume_id at path; OK if there is none.
+
+        Also OK when the volume itself is gone: the kubelet treats every error of
+        NodeUnpublish/NodeUnstage as a failed teardown and retries it forever
+        (csi_mounter.go TearDownAt, csi_attacher.go UnmountDevice), so NOT_FOUND
+        would leave the pod terminating for good. Nothing of ours is at the path.
+        """
         with self.driver.locks.hold(volume_key(volume_id)):
             record = table.get(str(path))
             if record is None or getattr(record, "volume_id", None) != volume_id:
-                if volume_id not in self.driver.store.state.volumes:
-                    raise NotFoundError(f"volume {volume_id} does not exist")
                 return
-            await delete_recorded(self.driver.store, table, str(path), partial(undo, record))
+            await delete_recorded(
+                self.driver.store, [(table, str(path), record)], partial(undo, record)
+            )
 
     # --- publish --------------------------------------------------------------------------
 
@@ -178,14 +182,17 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
     async def NodePublishVolume(
         self, request: csi_pb2.NodePublishVolumeRequest, context: Context
     ) -> csi_pb2.NodePublishVolumeResponse:
-        volume_id = validation.object_id(request.volume_id, validation.VOLUME_PREFIX, "volume_id")
+        # staging_target_path: the CO MUST set it for a driver with STAGE_UNSTAGE_VOLUME.
+        validation.required(
+            request, "volume_id", "target_path", "volume_capability", "staging_target_path"
+        )
         target = self._path(request.target_path, "target_path")
         staging = self._path(request.staging_target_path, "staging_target_path")
-        if not request.HasField("volume_capability"):
-            raise InvalidArgumentError("volume_capability is required")
+        validation.capability(request.volume_capability, "volume_capability")
+        volume_id = validation.object_id(request.volume_id, validation.VOLUME_PREFIX, "volume_id")
         with self.driver.locks.hold(volume_key(volume_id)):
             volume = self.driver.volume(volume_id)
-            self._capability(request.volume_capability, True, volume)
+            self._access_type(request.volume_capability, volume)
             state = self.driver.store.state
             stage = state.stagings.get(str(staging))
             if stage is None or stage.volume_id != volume_id or stage.status is not Status.READY:
@@ -224,9 +231,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
 
             await create_recorded(
                 self.driver.store,
-                state.publications,
-                record.path,
-                record,
+                [(state.publications, record.path, record)],
                 work,
                 partial(self._unpublish, record),
             )
@@ -251,8 +256,8 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         self, volume: VolumeRecord, stage: StageRecord, record: PublishRecord, flags: list[str]
     ) -> None:
         target = Path(record.path)
+        root = self.driver.kubelet_dir
         if volume.block:
-            await asyncio.to_thread(target.touch, mode=0o600, exist_ok=True)
             device = stage.loop_device
             if record.readonly:
                 # A read-only mount stops writes to files, not to a device node, and the
@@ -261,15 +266,14 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
                 disk = self.driver.pool.disk_path(volume.id)
                 record.loop_device = await self.driver.pool.attach(disk, readonly=True)
                 device = record.loop_device
-            await mounts.bind(Path(device), target, record.readonly, [])
+            await mounts.bind(Path(device), root, target, record.readonly, [], file=True)
         else:
-            await asyncio.to_thread(target.mkdir, mode=0o750, exist_ok=True)
-            await mounts.bind(Path(stage.path), target, record.readonly, flags)
+            await mounts.rebind(root, Path(stage.path), target, record.readonly, flags)
 
     async def _unpublish(self, record: PublishRecord) -> None:
         target = Path(record.path)
-        await mounts.unmount(target)
-        await mounts.remove_mount_point(target)
+        await mounts.unmount(self.driver.kubelet_dir, target)
+        await mounts.remove_mount_point(self.driver.kubelet_dir, target)
         disk = self.driver.pool.disk_path(record.volume_id)
         # Only while it still serves this volume: a device detached behind our back may
         # since have been given to another file.
@@ -280,23 +284,32 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
     async def NodeUnpublishVolume(
         self, request: csi_pb2.NodeUnpublishVolumeRequest, context: Context
     ) -> csi_pb2.NodeUnpublishVolumeResponse:
-        volume_id = validation.object_id(request.volume_id, validation.VOLUME_PREFIX, "volume_id")
+        validation.required(request, "volume_id", "target_path")
         target = self._path(request.target_path, "target_path")
         await self._tear_down(
-            self.driver.store.state.publications, target, volume_id, self._unpublish
+            self.driver.store.state.publications, target, request.volume_id, self._unpublish
         )
         return csi_pb2.NodeUnpublishVolumeResponse()
 
     # --- stats and expansion -----------------------------------------------------------------
 
     def _volume_at(
-        self, volume_id: str, path: Path
+        self, request: csi_pb2.NodeGetVolumeStatsRequest | csi_pb2.NodeExpandVolumeRequest
     ) -> tuple[VolumeRecord, StageRecord | PublishRecord]:
+        """The volume and where it is staged or published at volume_path, or NOT_FOUND.
+
+        volume_path is only a key into our records, never a path we touch, so any
+        string that names no staging or publication of the volume (a relative path
+        included) is NOT_FOUND, as the spec has it.
+        """
+        validation.required(request, "volume_id", "volume_path")
+        volume_id = validation.object_id(request.volume_id, validation.VOLUME_PREFIX, "volume_id")
         volume = self.driver.volume(volume_id)
         state = self.driver.store.state
-        where = state.publications.get(str(path)) or state.stagings.get(str(path))
+        path = request.volume_path
+        where = state.publications.get(path) or state.stagings.get(path)
         if where is None or where.volume_id != volume_id:
-            raise NotFoundError(f"volume {volume_id} is not staged or published at {path}")
+            raise NotFoundError(f"volume {volume_id} is not staged or published at {quoted(path)}")
         return volume, where
 
     async def _condition(
@@ -332,27 +345,29 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
     async def NodeGetVolumeStats(
         self, request: csi_pb2.NodeGetVolumeStatsRequest, context: Context
     ) -> csi_pb2.NodeGetVolumeStatsResponse:
-        volume_id = validation.object_id(request.volume_id, validation.VOLUME_PREFIX, "volume_id")
-        path = self._path(request.volume_path, "volume_path")
-        volume, where = self._volume_at(volume_id, path)
+        volume, where = self._volume_at(request)
         problem = await self._condition(volume, where)
         condition = csi_pb2.VolumeCondition(
             abnormal=problem is not None, message=problem or "healthy"
         )
+        # Usage goes out even with an abnormal condition: the kubelet drops an answer
+        # without usage before it reads the condition (csi_client.go NodeGetVolumeStats).
         response = csi_pb2.NodeGetVolumeStatsResponse(volume_condition=condition)
-        if problem is not None:
-            return response
-        if volume.block:
+        subvolume = self.driver.pool.volume_path(volume.id)
+        if volume.block or not is_subvolume(subvolume):
             response.usage.add(total=volume.capacity, unit=Unit.BYTES)
             return response
-        used = await self.driver.pool.referenced(self.driver.pool.volume_path(volume_id))
+        used = await self.driver.pool.referenced(subvolume)
         response.usage.add(
             total=volume.capacity,
             used=used,
             available=max(0, volume.capacity - used),
             unit=Unit.BYTES,
         )
-        stats = await usage(path)
+        # Inode counts come from the mounted volume: only known while it is mounted.
+        if problem is not None:
+            return response
+        stats = await usage(Path(where.path))
         if stats.inodes:
             response.usage.add(
                 total=stats.inodes,
@@ -366,10 +381,9 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
     async def NodeExpandVolume(
         self, request: csi_pb2.NodeExpandVolumeRequest, context: Context
     ) -> csi_pb2.NodeExpandVolumeResponse:
-        volume_id = validation.object_id(request.volume_id, validation.VOLUME_PREFIX, "volume_id")
-        path = self._path(request.volume_path, "volume_path")
-        with self.driver.locks.hold(volume_key(volume_id)):
-            volume, _ = self._volume_at(volume_id, path)
+        validation.required(request, "volume_id", "volume_path")
+        with self.driver.locks.hold(volume_key(request.volume_id)):
+            volume, _ = self._volume_at(request)
             wanted = (
                 request.capacity_range.required_bytes if request.HasField("capacity_range") else 0
             )
@@ -380,7 +394,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
                 )
             if volume.block:
                 for device in await self.driver.pool.loop_devices(
-                    self.driver.pool.disk_path(volume_id)
+                    self.driver.pool.disk_path(volume.id)
                 ):
                     await self.driver.pool.refresh(device)
         return csi_pb2.NodeExpandVolumeResponse(capacity_bytes=volume.capacity)

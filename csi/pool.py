@@ -13,14 +13,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import re
+import stat
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from csi.config import PoolConfig
-from csi.errors import CommandError
+from csi.errors import CommandError, SetupError
+from csi.files import private_directory, private_file
 from csi.mounts import mounted_at
 from csi.system import run
 
@@ -32,9 +36,17 @@ DISK = "disk"
 # The inode number of every btrfs subvolume's root directory.
 _SUBVOLUME_INODE = 256
 _LOOP_LINE = re.compile(r"^(/dev/loop\d+): ")
+_GENERATION_LINE = re.compile(r"^\s*(Generation|Gen at creation):\s+(\d+)\s*$", re.MULTILINE)
 # How long DeleteVolume waits for the kernel to drop a deleted subvolume before its
 # qgroup can go; a qgroup still there after that is cleared at the next start.
 QGROUP_CLEANUP_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Generations:
+    # The last transaction that changed the subvolume, and the one that created it.
+    changed: int
+    created: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,8 +93,9 @@ class Pool:
             raise CommandError(f"pool path {self.root} is not a mounted btrfs filesystem")
         await run("btrfs", "quota", "enable", str(self.root))
         await self._clear_stale_qgroups()
-        for directory in (self.volumes, self.snapshots):
-            directory.mkdir(mode=0o700, exist_ok=True)
+        # Only the daemon goes through the pool: pods reach their volumes by bind mounts.
+        for directory in (self.root, self.volumes, self.snapshots):
+            await asyncio.to_thread(private_directory, directory)
 
     async def _clear_stale_qgroups(self) -> None:
         """Remove qgroups left by deletions that a crash or a slow drop interrupted."""
@@ -94,17 +107,37 @@ class Pool:
             log.warning("some stale qgroups remain", extra={"error": str(error)})
 
     async def _mount_image(self, image: Path) -> None:
+        if _is_empty_file(image):
+            # What a creation interrupted before this version made: it holds nothing.
+            log.warning("replacing an empty pool image", extra={"image": str(image)})
+            image.unlink()
+        if not image.exists():
+            await self._create_image(image, self.config.size or 0)
+        await asyncio.to_thread(private_file, image)
         if await mounted_at(self.root) is not None:
             return
-        if not image.exists():
-            image.parent.mkdir(parents=True, exist_ok=True)
-            size = self.config.size or 0
-            await asyncio.to_thread(_create_sparse, image, size)
-            await run("mkfs.btrfs", "-q", str(image))
-            log.info("created the pool image", extra={"image": str(image), "bytes": size})
-        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        await asyncio.to_thread(private_directory, self.root)
         # mount -o loop attaches a loop device that the kernel frees on unmount.
         await run("mount", "-o", "loop", "--", str(image), str(self.root))
+
+    async def _create_image(self, image: Path, size: int) -> None:
+        """Create and format the image under a temporary name, then rename it into place.
+
+        A creation that fails (or a crash) leaves nothing at the image's path, so the
+        next start tries again from scratch instead of mounting half an image.
+        """
+        if not image.parent.exists():
+            await asyncio.to_thread(private_directory, image.parent)
+        temporary = image.with_name(f".{image.name}.new")
+        temporary.unlink(missing_ok=True)
+        try:
+            await asyncio.to_thread(_create_sparse, temporary, size)
+            await run("mkfs.btrfs", "-q", str(temporary))
+            await asyncio.to_thread(_rename_durably, temporary, image)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+        log.info("created the pool image", extra={"image": str(image), "bytes": size})
 
     # --- subvolumes and qgroups -------------------------------------------------------
 
@@ -114,6 +147,56 @@ class Pool:
     async def snapshot(self, source: Path, target: Path, readonly: bool) -> None:
         flags = ["-r"] if readonly else []
         await run("btrfs", "subvolume", "snapshot", *flags, str(source), str(target))
+
+    async def generations(self, path: Path) -> Generations:
+        """The subvolume's last-changed and created-at transaction ids."""
+        output = await run("btrfs", "subvolume", "show", str(path))
+        found = dict(_GENERATION_LINE.findall(output))
+        try:
+            return Generations(int(found["Generation"]), int(found["Gen at creation"]))
+        except KeyError:
+            raise CommandError(
+                f"btrfs subvolume show {path}: no generations in its output"
+            ) from None
+
+    async def snapshot_group(self, members: Sequence[tuple[Path, Path]]) -> bool:
+        """Snapshot each (source, target) read-only; True if they form one crash-consistent cut.
+
+        btrfs cannot snapshot several subvolumes atomically, and freezing the pool
+        (FIFREEZE) does not help: a snapshot is a write and waits for the thaw. So the
+        members are snapshotted one after the other, each in its own transaction, and
+        then checked: a source whose generation is still its snapshot's creation
+        generation has had no change committed since, so every snapshot equals its
+        source as of the last snapshot's commit, the state a crash at that instant
+        would have left. Writes not yet flushed then are not in the cut, as a crash
+        would lose them. If a source changed in between, the snapshots are deleted
+        and False returned: the caller may try again.
+        """
+        made: list[Path] = []
+        try:
+            for source, target in members:
+                await self.snapshot(source, target, readonly=True)
+                made.append(target)
+            consistent = await self._unchanged_since_snapshot(members)
+        except BaseException:
+            for target in made:
+                with contextlib.suppress(CommandError):
+                    await self.delete_subvolume(target)
+            raise
+        if not consistent:
+            for target in made:
+                await self.delete_subvolume(target)
+        return consistent
+
+    async def _unchanged_since_snapshot(self, members: Sequence[tuple[Path, Path]]) -> bool:
+        for source, target in members:
+            changed = (await self.generations(source)).changed
+            if changed != (await self.generations(target)).created:
+                log.info(
+                    "a group member changed while the group was cut", extra={"source": str(source)}
+                )
+                return False
+        return True
 
     async def delete_subvolume(self, path: Path) -> None:
         """Delete a subvolume and its level-0 qgroup, which btrfs leaves behind (stale)."""
@@ -212,8 +295,35 @@ class Pool:
 
 
 def _create_sparse(path: Path, size: int) -> None:
-    with path.open("xb") as file:
-        file.truncate(size)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(descriptor, size)
+    except OSError as error:
+        if error.errno in {errno.EFBIG, errno.EINVAL}:
+            raise SetupError(
+                f"the filesystem holding {path.parent} cannot hold a file of {size} bytes: "
+                "make csi.pool.size smaller or put csi.pool.image on another filesystem"
+            ) from None
+        raise
+    finally:
+        os.close(descriptor)
+
+
+def _rename_durably(source: Path, target: Path) -> None:
+    source.replace(target)
+    directory = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def _is_empty_file(path: Path) -> bool:
+    try:
+        found = path.lstat()
+    except FileNotFoundError:
+        return False
+    return stat.S_ISREG(found.st_mode) and found.st_size == 0
 
 
 async def usage(path: Path) -> Usage:

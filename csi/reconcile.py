@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 
 from csi import mounts
-from csi.errors import CommandError
+from csi.errors import InvalidArgumentError
 from csi.pool import VOLUMES, Pool
 from csi.state import State, StateStore, Status
 
@@ -27,10 +27,11 @@ async def reconcile(store: StateStore, pool: Pool, kubelet_dir: Path) -> None:
     state = store.state
     await _volumes(state, pool)
     await _snapshots(state, pool)
+    _group_snapshots(state)
     table = await mounts.mounts()
     mounted = {m.mount_point for m in table}
-    await _publications(state, mounted)
-    await _stagings(state, pool, mounted)
+    await _publications(state, mounted, kubelet_dir)
+    await _stagings(state, pool, mounted, kubelet_dir)
     await _stray_mounts(state, kubelet_dir, table)
     await _stray_loops(state, pool)
     await store.save()
@@ -58,19 +59,42 @@ async def _snapshots(state: State, pool: Pool) -> None:
         del state.snapshots[record.id]
 
 
-async def _publications(state: State, mounted: set[str]) -> None:
+def _group_snapshots(state: State) -> None:
+    """Drop groups an interrupted cut or deletion left.
+
+    A group and its members change status in one write, so _snapshots has already
+    removed the members of these.
+    """
+    for record in list(state.group_snapshots.values()):
+        if record.status is Status.READY:
+            continue
+        log.warning("finishing an interrupted group snapshot operation", extra={"group": record.id})
+        del state.group_snapshots[record.id]
+
+
+async def _unmount(kubelet_dir: Path, path: Path) -> bool:
+    """Unmount what is at a recorded path; log (and go on) if that cannot be done safely."""
+    try:
+        await mounts.unmount(kubelet_dir, path)
+    except (OSError, InvalidArgumentError) as error:
+        log.error("cannot unmount; leaving it", extra={"path": str(path), "error": str(error)})  # noqa: TRY400 (the message says it)
+        return False
+    return True
+
+
+async def _publications(state: State, mounted: set[str], kubelet_dir: Path) -> None:
     for record in list(state.publications.values()):
         if record.status is Status.READY and record.path in mounted:
             continue
         log.warning("dropping an unfinished or vanished publication", extra={"target": record.path})
         target = Path(record.path)
-        await mounts.unmount(target)
-        with contextlib.suppress(OSError):
-            await mounts.remove_mount_point(target)
+        if await _unmount(kubelet_dir, target):
+            with contextlib.suppress(OSError, InvalidArgumentError):
+                await mounts.remove_mount_point(kubelet_dir, target)
         del state.publications[record.path]
 
 
-async def _stagings(state: State, pool: Pool, mounted: set[str]) -> None:
+async def _stagings(state: State, pool: Pool, mounted: set[str], kubelet_dir: Path) -> None:
     for record in list(state.stagings.values()):
         volume = state.volumes.get(record.volume_id)
         disk = pool.disk_path(record.volume_id)
@@ -82,14 +106,14 @@ async def _stagings(state: State, pool: Pool, mounted: set[str]) -> None:
             elif record.path in mounted:
                 continue
         log.warning("dropping an unfinished or vanished staging", extra={"staging": record.path})
-        await mounts.unmount(Path(record.path))
+        await _unmount(kubelet_dir, Path(record.path))
         if disk.exists():
             for device in await pool.loop_devices(disk):
                 await pool.detach(device)
         del state.stagings[record.path]
         for publication in list(state.publications.values()):
             if publication.staging_path == record.path:
-                await mounts.unmount(Path(publication.path))
+                await _unmount(kubelet_dir, Path(publication.path))
                 del state.publications[publication.path]
 
 
@@ -106,8 +130,7 @@ async def _stray_mounts(state: State, kubelet_dir: Path, table: list[mounts.Moun
             and mount.mount_point not in known
         ):
             log.warning("unmounting a stray volume mount", extra={"path": mount.mount_point})
-            with contextlib.suppress(CommandError):
-                await mounts.unmount(point)
+            await _unmount(kubelet_dir, point)
 
 
 async def _stray_loops(state: State, pool: Pool) -> None:

@@ -3,21 +3,30 @@
 <kubeletDir>/plugins/<driverName>/csi.sock serves Identity, Controller and Node;
 the plugin watcher learns about it through <kubeletDir>/plugins_registry/.
 The socket is served only after the driver has reconciled its state, so the
-kubelet never talks to a driver that is still recovering from a crash.
+kubelet never talks to a driver that is still recovering from a crash. A driver
+that cannot start until an admin acts (an unreadable state file, an unsafe
+path: csi.errors.SetupError) serves nothing and says why in the log and
+/readyz, while the rest of the daemon goes on: exiting would restart the whole
+daemon in a loop, device plugins included, and fix nothing.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
 
 from csi.config import CsiConfig
 from csi.driver import CsiDriver
+from csi.errors import SetupError
 from csi.state import Status
 from daemon.metrics import Family, GaugeFamily
 from daemon.pluginwatcher import CSI_PLUGIN, CSI_VERSIONS, PluginInfo, PluginWatcherRegistration
 from deviceplugin.plugin import SocketServing
+
+log = logging.getLogger(__name__)
 
 CSI_PLUGIN_SUBDIR = "plugins"
 SHUTDOWN_GRACE = 2.0
@@ -32,6 +41,9 @@ class CsiPlugin:
         info = PluginInfo(CSI_PLUGIN, config.driver_name, str(self.socket_path), CSI_VERSIONS)
         self.registration = PluginWatcherRegistration(info, kubelet_dir, sockets)
         self._sockets = sockets
+
+        # Why the driver is not serving, when an admin has to act (see the module's doc).
+        self.problem: str | None = None
 
     @property
     def ready(self) -> bool:
@@ -63,9 +75,15 @@ class CsiPlugin:
             yield pool
 
     async def run(self) -> None:
-        await self.driver.start()
+        try:
+            await self.driver.start()
+        except SetupError as error:
+            self.problem = str(error)
+            log.error("the CSI driver cannot start", extra={"problem": self.problem})  # noqa: TRY400 (the message says it all)
+            await asyncio.Event().wait()  # until the unit is stopped (config change, exit)
         server = await self._sockets.serve(self.socket_path, self.driver.add_services)
         try:
             await self.registration.run()
         finally:
             await self._sockets.stop(server, self.socket_path, SHUTDOWN_GRACE)
+            await self.driver.stop()

@@ -165,7 +165,10 @@ class StatusServer:
     async def readyz(self) -> Answer:
         readiness = self.daemon.readiness()
         waiting = sorted(name for name, ready in readiness.items() if not ready)
-        return Answer.json(503 if waiting else 200, {"ready": not waiting, "waiting_for": waiting})
+        body: dict[str, object] = {"ready": not waiting, "waiting_for": waiting}
+        if problems := self.daemon.problems():
+            body["problems"] = problems
+        return Answer.json(503 if waiting else 200, body)
 
 
 async def _next_event(connection: h11.Connection, reader: asyncio.StreamReader) -> object:

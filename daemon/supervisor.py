@@ -123,6 +123,12 @@ class Daemon:
     def ready(self) -> bool:
         return all(self.readiness().values())
 
+    def problems(self) -> dict[str, str]:
+        """Components that wait for an admin, and what to do (/readyz shows them)."""
+        if self.csi is not None and self.csi.problem is not None:
+            return {_CSI: self.csi.problem}
+        return {}
+
     def own_sockets(self) -> list[Path]:
         # A plugin waiting for its backend's first device list has no socket yet: that is
         # readiness's business (not registered), not a liveness failure.

@@ -80,14 +80,15 @@ class Client:
     identity: csi_pb2_grpc.IdentityAsyncStub
     controller: csi_pb2_grpc.ControllerAsyncStub
     node: csi_pb2_grpc.NodeAsyncStub
+    group_controller: csi_pb2_grpc.GroupControllerAsyncStub
     kubelet: Path
 
 
 @contextlib.asynccontextmanager
-async def serving(root: Path, pool: Path) -> AsyncIterator[Client]:
+async def serving(root: Path, pool: Path, state: Path | None = None) -> AsyncIterator[Client]:
     """A started driver on <root>/csi.sock, with stubs; stopped (not cleaned up) on exit."""
-    driver = CsiDriver(csi_config(pool), root / "kubelet", root / "state")
-    (root / "kubelet").mkdir(exist_ok=True)
+    driver = CsiDriver(csi_config(pool), root / "kubelet", state or root / "state")
+    (root / "kubelet").mkdir(parents=True, exist_ok=True)
     await driver.start()
     server = grpc.aio.server()
     driver.add_services(server)
@@ -101,6 +102,7 @@ async def serving(root: Path, pool: Path) -> AsyncIterator[Client]:
                 csi_pb2_grpc.IdentityStub(channel),
                 csi_pb2_grpc.ControllerStub(channel),
                 csi_pb2_grpc.NodeStub(channel),
+                csi_pb2_grpc.GroupControllerStub(channel),
                 root / "kubelet",
             )
     finally:

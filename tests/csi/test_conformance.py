@@ -319,31 +319,35 @@ async def test_publish_before_stage_is_failed_precondition(csi: Client) -> None:
 
 
 @pytest.mark.parametrize(
-    "path",
+    ("path", "teardown"),
     [
-        "relative/path",
-        "/etc",
-        "{kubelet}/../escape",
-        "{kubelet}/./x",
-        "{kubelet}//x",
-        "{kubelet}/a\x00b",
-        "{kubelet}",
-        "{kubelet}/link/x",
-        "{kubelet}/link",
+        ("relative/path", Code.INVALID_ARGUMENT),
+        ("/etc", Code.INVALID_ARGUMENT),
+        ("{kubelet}/../escape", Code.INVALID_ARGUMENT),
+        ("{kubelet}/./x", Code.INVALID_ARGUMENT),
+        ("{kubelet}//x", Code.INVALID_ARGUMENT),
+        ("{kubelet}/a\x00b", Code.INVALID_ARGUMENT),
+        ("{kubelet}", Code.INVALID_ARGUMENT),
+        # Well-formed: nothing is staged or published there, so there is nothing to undo.
+        ("{kubelet}/link/x", Code.OK),
+        ("{kubelet}/link", Code.OK),
     ],
 )
-async def test_paths_outside_the_kubelet_dir_are_invalid_argument(csi: Client, path: str) -> None:
+async def test_paths_outside_the_kubelet_dir_are_invalid_argument(
+    csi: Client, path: str, teardown: Code
+) -> None:
     (csi.kubelet / "link").symlink_to("/tmp")
     path = path.format(kubelet=csi.kubelet)
     capability = mount_capability()
     volume = await staged(csi, capability)
-    calls: list[Awaitable[Any]] = [
-        csi.node.NodeStageVolume(
+    unstaged = await created(csi, "pvc-unstaged")
+    calls: list[Callable[[], Awaitable[Any]]] = [
+        lambda: csi.node.NodeStageVolume(
             csi_pb2.NodeStageVolumeRequest(
-                volume_id=volume.volume_id, staging_target_path=path, volume_capability=capability
+                volume_id=unstaged.volume_id, staging_target_path=path, volume_capability=capability
             )
         ),
-        csi.node.NodePublishVolume(
+        lambda: csi.node.NodePublishVolume(
             csi_pb2.NodePublishVolumeRequest(
                 volume_id=volume.volume_id,
                 staging_target_path=str(csi.kubelet / "staging" / "stage"),
@@ -351,18 +355,22 @@ async def test_paths_outside_the_kubelet_dir_are_invalid_argument(csi: Client, p
                 volume_capability=capability,
             )
         ),
-        csi.node.NodeUnpublishVolume(
-            csi_pb2.NodeUnpublishVolumeRequest(volume_id=volume.volume_id, target_path=path)
-        ),
-        csi.node.NodeUnstageVolume(
-            csi_pb2.NodeUnstageVolumeRequest(volume_id=volume.volume_id, staging_target_path=path)
-        ),
-        csi.node.NodeGetVolumeStats(
-            csi_pb2.NodeGetVolumeStatsRequest(volume_id=volume.volume_id, volume_path=path)
-        ),
     ]
     for call in calls:
-        assert await code_of(call) == Code.INVALID_ARGUMENT
+        assert await code_of(call()) == Code.INVALID_ARGUMENT
+    teardowns: list[Callable[[], Awaitable[Any]]] = [
+        lambda: csi.node.NodeUnpublishVolume(
+            csi_pb2.NodeUnpublishVolumeRequest(volume_id=volume.volume_id, target_path=path)
+        ),
+        lambda: csi.node.NodeUnstageVolume(
+            csi_pb2.NodeUnstageVolumeRequest(volume_id=volume.volume_id, staging_target_path=path)
+        ),
+    ]
+    for call in teardowns:
+        assert await code_of(call()) == teardown
+    # A volume_path is only looked up among the volume's stagings and publications.
+    stats = csi_pb2.NodeGetVolumeStatsRequest(volume_id=volume.volume_id, volume_path=path)
+    assert await code_of(csi.node.NodeGetVolumeStats(stats)) == Code.NOT_FOUND
     assert not Path("/tmp/x").is_mount()
 
 
@@ -438,7 +446,15 @@ async def test_node_rpcs_with_missing_fields_or_unknown_volumes(csi: Client) -> 
             csi.node.NodeUnpublishVolume(
                 csi_pb2.NodeUnpublishVolumeRequest(volume_id=UNKNOWN_VOLUME, target_path=target)
             ),
-            Code.NOT_FOUND,
+            Code.OK,
+        ),
+        (
+            csi.node.NodeUnstageVolume(
+                csi_pb2.NodeUnstageVolumeRequest(
+                    volume_id=UNKNOWN_VOLUME, staging_target_path=staging
+                )
+            ),
+            Code.OK,
         ),
         (
             csi.node.NodeUnstageVolume(
@@ -489,6 +505,7 @@ async def test_capabilities_advertise_what_is_implemented(csi: Client) -> None:
         rpc.CLONE_VOLUME,
         rpc.EXPAND_VOLUME,
         rpc.SINGLE_NODE_MULTI_WRITER,
+        rpc.GET_SNAPSHOT,
     }
     node_rpc = csi_pb2.NodeServiceCapability.RPC
     node = await csi.node.NodeGetCapabilities(csi_pb2.NodeGetCapabilitiesRequest())

@@ -69,6 +69,7 @@ async def test_daemon_serves_csi_and_registers_with_the_plugin_watcher(
         ("pool", {"path": "relative"}, "csi.pool.path"),
         ("pool", {"path": "/p", "image": "/p.img"}, "size: required with image"),
         ("pool", {"path": "/p", "size": "1Gi"}, "size: only used with image"),
+        ("pool", {"path": "/p", "image": "/p.img", "size": "99999999Ti"}, "more than a file"),
         ("extra", 1, "csi.extra"),
     ],
 )
@@ -123,9 +124,10 @@ async def probed(socket: Path) -> None:
 
 
 async def workload(channel: grpc.aio.Channel, kubelet: Path) -> None:
-    """Create, stage and publish a filesystem and a block volume, and snapshot one."""
+    """Create, stage and publish a filesystem and a block volume, snapshot each, then both."""
     controller = csi_pb2_grpc.ControllerStub(channel)
     node = csi_pb2_grpc.NodeStub(channel)
+    volume_ids = []
     for name, capability in (("fs", mount_capability()), ("blk", block_capability())):
         volume = (
             await controller.CreateVolume(create_request(f"pvc-{name}", capability=capability))
@@ -150,14 +152,20 @@ async def workload(channel: grpc.aio.Channel, kubelet: Path) -> None:
         await controller.CreateSnapshot(
             csi_pb2.CreateSnapshotRequest(source_volume_id=volume.volume_id, name=f"snap-{name}")
         )
+        volume_ids.append(volume.volume_id)
+    await csi_pb2_grpc.GroupControllerStub(channel).CreateVolumeGroupSnapshot(
+        csi_pb2.CreateVolumeGroupSnapshotRequest(name="group", source_volume_ids=volume_ids)
+    )
 
 
 async def check_consistent(root: Path, pool: Path) -> None:
     """State, subvolumes, mounts and loop devices agree, with nothing pending."""
     state = json.loads((root / "state" / "csi-state.json").read_text())
     volumes, stagings, publications = state["volumes"], state["stagings"], state["publications"]
-    for kind in ("volumes", "snapshots", "stagings", "publications"):
-        assert all(r["status"] == "ready" for r in state[kind].values()), kind
+    for kind in ("volumes", "snapshots", "stagings", "publications", "group_snapshots"):
+        assert all(r["status"] == "ready" for r in state.get(kind, {}).values()), kind
+    for group in state.get("group_snapshots", {}).values():
+        assert set(group["snapshot_ids"]) <= set(state["snapshots"]), "a group has its members"
     on_disk = {p.name for p in (pool / "volumes").iterdir()}
     assert on_disk == set(volumes), "no leaked subvolumes and no phantom volume records"
     assert {p.name for p in (pool / "snapshots").iterdir()} == set(state["snapshots"])

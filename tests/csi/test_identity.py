@@ -25,7 +25,11 @@ async def test_capabilities_are_exactly_what_is_implemented(csi: Client) -> None
     expansion = {
         c.volume_expansion.type for c in response.capabilities if c.HasField("volume_expansion")
     }
-    assert services == {Service.CONTROLLER_SERVICE, Service.VOLUME_ACCESSIBILITY_CONSTRAINTS}
+    assert services == {
+        Service.CONTROLLER_SERVICE,
+        Service.VOLUME_ACCESSIBILITY_CONSTRAINTS,
+        Service.GROUP_CONTROLLER_SERVICE,
+    }
     assert expansion == {Expansion.ONLINE}
 
 

@@ -351,3 +351,51 @@ async def test_volume_condition_turns_abnormal_when_the_mount_breaks(csi: Client
     )
     assert stats.volume_condition.abnormal
     assert "mounted" in stats.volume_condition.message
+    # The kubelet rejects an answer without usage before it reads the condition.
+    (usage,) = stats.usage
+    assert usage.unit == csi_pb2.VolumeUsage.BYTES
+    assert usage.total == volume.capacity_bytes
+
+
+async def test_block_volume_condition_with_a_detached_loop_device_still_has_usage(
+    csi: Client,
+) -> None:
+    capability = block_capability()
+    request = create_request("pvc-cond-block", 8 * MiB, capability)
+    volume = (await csi.controller.CreateVolume(request)).volume
+    stage = stage_request(csi, volume.volume_id, capability)
+    await csi.node.NodeStageVolume(stage)
+    record = csi.driver.store.state.stagings[stage.staging_target_path]
+    sh("losetup", "-d", record.loop_device)  # detached behind the driver's back
+    stats = await csi.node.NodeGetVolumeStats(
+        csi_pb2.NodeGetVolumeStatsRequest(
+            volume_id=volume.volume_id, volume_path=stage.staging_target_path
+        )
+    )
+    assert stats.volume_condition.abnormal
+    assert [(u.unit, u.total) for u in stats.usage] == [(csi_pb2.VolumeUsage.BYTES, 8 * MiB)]
+
+
+@pytest.mark.parametrize("block", [False, True], ids=["mount", "block"])
+async def test_teardown_of_a_deleted_volume_completes(csi: Client, block: bool) -> None:
+    """The kubelet retries NodeUnpublish/NodeUnstage until they answer OK: never NOT_FOUND."""
+    capability = block_capability() if block else mount_capability()
+    volume = (
+        await csi.controller.CreateVolume(create_request("pvc-gone", capability=capability))
+    ).volume
+    stage = stage_request(csi, volume.volume_id, capability)
+    await csi.node.NodeStageVolume(stage)
+    publish = publish_request(csi, volume.volume_id, capability)
+    await csi.node.NodePublishVolume(publish)
+    unpublish = csi_pb2.NodeUnpublishVolumeRequest(
+        volume_id=volume.volume_id, target_path=publish.target_path
+    )
+    unstage = csi_pb2.NodeUnstageVolumeRequest(
+        volume_id=volume.volume_id, staging_target_path=stage.staging_target_path
+    )
+    await csi.node.NodeUnpublishVolume(unpublish)
+    await csi.node.NodeUnstageVolume(unstage)
+    await csi.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=volume.volume_id))
+    # The kubelet lost the first answers and asks again, after the volume is gone.
+    await csi.node.NodeUnpublishVolume(unpublish)
+    await csi.node.NodeUnstageVolume(unstage)

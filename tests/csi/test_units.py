@@ -16,7 +16,7 @@ from csi.config import CsiConfig, parse_quantity
 from csi.driver import CsiDriver
 from csi.errors import InvalidArgumentError, NotFoundError, OutOfRangeError
 from csi.mounts import mounted_at, parse_mountinfo
-from csi.state import State, StateStore, Status, VolumeRecord
+from csi.state import State, StateFileError, StateStore, Status, VolumeRecord
 from csi.v1 import csi_pb2
 from tests.csi.conftest import DRIVER, cleanup_below
 
@@ -60,7 +60,7 @@ async def test_state_survives_a_round_trip_and_writes_atomically(short_tmp: Path
     data = json.loads(store.path.read_text())
     data["version"] = 99
     store.path.write_text(json.dumps(data))
-    with pytest.raises(ValueError, match="version"):
+    with pytest.raises(StateFileError, match="version"):
         StateStore(short_tmp / "state").load()
     assert StateStore(short_tmp / "missing").load() == State()
 

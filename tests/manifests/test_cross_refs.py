@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from credprovider.__main__ import _options
+from csi.pool import QGROUP_CLEANUP_TIMEOUT
 from daemon import config as daemon_config
 from daemon.cli import DEFAULT_CONFIG
 from daemon.csiplugin import CSI_PLUGIN_SUBDIR
@@ -207,6 +208,19 @@ def test_each_node_runs_its_own_sidecars(sidecar: str) -> None:
     assert flags["--node-deployment"] == "true"
     # Leader election would leave all nodes but one without a working sidecar.
     assert flags.get("--leader-election", "false") == "false"
+
+
+def go_duration(value: str) -> float:
+    match = re.fullmatch(r"(\d+)(s|m)", value)
+    assert match is not None, f"{value!r}: write sidecar durations as <n>s or <n>m"
+    return int(match.group(1)) * (60 if match.group(2) == "m" else 1)
+
+
+@pytest.mark.parametrize("sidecar", SIDECARS)
+def test_sidecar_timeouts_leave_room_for_the_slowest_call(sidecar: str) -> None:
+    # Measured p99s are a few seconds at most (README "CSI driver"); a DeleteVolume may
+    # also wait QGROUP_CLEANUP_TIMEOUT for btrfs to release a deleted subvolume's qgroup.
+    assert go_duration(sidecar_flags()[sidecar]["--timeout"]) >= 2 * QGROUP_CLEANUP_TIMEOUT
 
 
 def test_the_provisioner_can_find_its_capacity_owner() -> None:
