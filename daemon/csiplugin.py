@@ -18,12 +18,11 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from prometheus_client.core import GaugeMetricFamily, Metric
-
 from csi.config import CsiConfig
 from csi.driver import CsiDriver
 from csi.errors import SetupError
 from csi.state import Status
+from daemon.metrics import Family, GaugeFamily
 from daemon.pluginwatcher import CSI_PLUGIN, CSI_VERSIONS, PluginInfo, PluginWatcherRegistration
 from deviceplugin.plugin import SocketServing
 
@@ -50,17 +49,17 @@ class CsiPlugin:
     def ready(self) -> bool:
         return self.driver.ready and self.registration.registered
 
-    def metrics(self) -> Iterable[Metric]:
+    def metrics(self) -> Iterable[Family]:
         """Volumes, snapshots and pool space, read at scrape time."""
         state = self.driver.store.state
-        volumes = GaugeMetricFamily(
+        volumes = GaugeFamily(
             "nodeplug_csi_volumes", "CSI volumes that exist, by mode.", labels=["mode"]
         )
         ready = [v for v in state.volumes.values() if v.status is Status.READY]
         volumes.add_metric(["block"], sum(1 for v in ready if v.block))
         volumes.add_metric(["filesystem"], sum(1 for v in ready if not v.block))
         yield volumes
-        yield GaugeMetricFamily(
+        yield GaugeFamily(
             "nodeplug_csi_snapshots",
             "CSI snapshots that exist.",
             value=sum(1 for s in state.snapshots.values() if s.status is Status.READY),
@@ -68,7 +67,7 @@ class CsiPlugin:
         if self.driver.ready:
             # statvfs of a local filesystem: microseconds, fine on the event loop.
             stats = os.statvfs(self.driver.pool.root)
-            pool = GaugeMetricFamily(
+            pool = GaugeFamily(
                 "nodeplug_csi_pool_bytes", "Size and free space of the CSI pool.", labels=["kind"]
             )
             pool.add_metric(["size"], stats.f_blocks * stats.f_frsize)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -52,13 +52,13 @@ class UnixSockets:
     """Serves gRPC on Unix sockets; handed to the plugins, which do not bind sockets themselves.
 
     Every server also gets the standard gRPC health service (the daemon's liveness
-    check calls it) and the given interceptors (metrics, request ids).
+    check calls it); `new_server` makes the servers (the daemon's meter every call).
     """
 
     mode = SOCKET_MODE
 
-    def __init__(self, interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> None:
-        self._interceptors = list(interceptors)
+    def __init__(self, new_server: Callable[[], grpc.aio.Server] = grpc.aio.server) -> None:
+        self._new_server = new_server
 
     async def serve(
         self, path: Path, add_services: Callable[[grpc.aio.Server], None]
@@ -66,7 +66,7 @@ class UnixSockets:
         """Start a grpc.aio server listening on the Unix socket `path` (created fresh)."""
         path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
         remove_socket(path)
-        server = grpc.aio.server(interceptors=self._interceptors)
+        server = self._new_server()
         add_services(server)
         health_pb2_grpc.add_HealthServicer_to_server(health_aio.HealthServicer(), server)
         add_unix_port(server, path, self.mode)

@@ -22,7 +22,6 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 from daemon.config import Config, DevicePluginSpec, Registration
-from daemon.csiplugin import CsiPlugin
 from daemon.http import StatusServer
 from daemon.metrics import Metrics
 from daemon.nodefeatures import NodeFeatureFile
@@ -36,8 +35,6 @@ from daemon.pluginwatcher import (
 from daemon.sockets import UnixSockets
 from deviceplugin.backend import Backend
 from deviceplugin.cdi import CdiSpecWriter, remove_stale_specs
-from deviceplugin.dra.claims import DraSettings
-from deviceplugin.dra.names import default_node_name
 from deviceplugin.names import socket_file_name
 from deviceplugin.plugin import PluginWatcherMode, ResourcePlugin, SocketServing
 from deviceplugin.servicer import ServiceSettings
@@ -45,6 +42,7 @@ from deviceplugin.socketdir import SocketDirWatcher
 from deviceplugin.state import DeviceState
 
 if TYPE_CHECKING:
+    from daemon.csiplugin import CsiPlugin
     from daemon.draplugin import DraPlugin
 
 log = logging.getLogger(__name__)
@@ -86,7 +84,7 @@ class Daemon:
     ) -> None:
         self.config = config
         self.metrics = metrics or Metrics()
-        self.sockets = sockets or UnixSockets([self.metrics.interceptor()])
+        self.sockets = sockets or UnixSockets(self.metrics.server)
         self.plugins: dict[str, ResourcePlugin] = {}
         self.dra: dict[str, DraPlugin] = {}
         self.csi: CsiPlugin | None = None
@@ -97,6 +95,8 @@ class Daemon:
         self._units: dict[str, _Unit] = {}
         self._tasks: asyncio.TaskGroup | None = None
         self._restarts_seen_before = 0
+        # Set once the first config's units are all started (each goes on in its task).
+        self.started = asyncio.Event()
         self.metrics.observe_daemon(self)
 
     # --- what the HTTP endpoints and metrics read -----------------------------------
@@ -160,6 +160,7 @@ class Daemon:
                 self._tasks = tasks
                 backends, self._initial_backends = self._initial_backends, {}
                 await self._start_units(self.config, backends)
+                self.started.set()
                 if reloader is not None:
                     tasks.create_task(reloader.run(self), name="config reloader")
                 tasks.create_task(_raise_when_set(stop), name="stop signal")
@@ -270,6 +271,9 @@ class Daemon:
             key = _plugin_key(spec.resource_name)
             started.append(self._start(key, _unit_spec(config, spec), work))
         if config.csi is not None and _CSI not in self._units:
+            # The CSI services and their protos: only daemons serving CSI pay for them.
+            from daemon.csiplugin import CsiPlugin  # noqa: PLC0415
+
             self.csi = CsiPlugin(config.csi, config.kubelet_dir, config.state_dir, self.sockets)
             started.append(self._start(_CSI, config.csi, self.csi.run()))
         if config.http.address is not None and _HTTP not in self._units:
@@ -327,6 +331,8 @@ class Daemon:
     ) -> DraPlugin:
         # Imports the Kubernetes client: only daemons serving DRA pay for it.
         from daemon.draplugin import DraPlugin  # noqa: PLC0415
+        from deviceplugin.dra.claims import DraSettings  # noqa: PLC0415
+        from deviceplugin.dra.names import default_node_name  # noqa: PLC0415
 
         settings = DraSettings(
             spec.resource_name,

@@ -9,8 +9,8 @@ Protocol the framework detects with isinstance().
 from __future__ import annotations
 
 import importlib.metadata
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 ENTRY_POINT_GROUP = "nodeplug.device_backends"
@@ -49,6 +49,35 @@ class Version:
 AttributeValue = bool | int | str | Version
 
 
+class _NoEntries(Mapping[str, Any]):
+    """The one empty mapping every Device (and ContainerEdits) field left unset shares.
+
+    A list of tens of thousands of devices would otherwise carry four empty dicts per
+    device: memory, and containers the garbage collector walks again and again while
+    the list is built. Read-only, as the fields' Mapping type promises, so sharing is
+    safe; hashable, so it can be a plain dataclass default (no factory call per field
+    per device). Equal to {}.
+    """
+
+    def __getitem__(self, key: str) -> Any:
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+    def __hash__(self) -> int:
+        return 0
+
+    def __repr__(self) -> str:
+        return "{}"
+
+
+_NO_ENTRIES: Mapping[str, Any] = _NoEntries()
+
+
 @dataclass(frozen=True, slots=True)
 class Device:
     """One physical device as the backend sees it right now.
@@ -63,26 +92,26 @@ class Device:
     numa_node: int | None = None
     device_nodes: tuple[DeviceNode, ...] = ()
     mounts: tuple[Mount, ...] = ()
-    envs: Mapping[str, str] = field(default_factory=dict)
-    annotations: Mapping[str, str] = field(default_factory=dict)
+    envs: Mapping[str, str] = _NO_ENTRIES
+    annotations: Mapping[str, str] = _NO_ENTRIES
     # Fully qualified CDI device names ("vendor.example/fpga=fpga0").
     cdi_devices: tuple[str, ...] = ()
     # DRA only (ignored by device plugins): what a scheduler can select devices by,
     # with CEL. Names are C identifiers ("model"), in the driver's own domain, or
     # qualified ("vendor.example/firmware"); values at most 64 characters.
-    attributes: Mapping[str, AttributeValue] = field(default_factory=dict)
+    attributes: Mapping[str, AttributeValue] = _NO_ENTRIES
     # DRA only: capacities as Kubernetes quantities, e.g. {"memory": "16Gi"}.
-    capacity: Mapping[str, str] = field(default_factory=dict)
+    capacity: Mapping[str, str] = _NO_ENTRIES
 
 
 @dataclass(frozen=True, slots=True)
 class ContainerEdits:
     """Extra edits an Allocator adds for one container, on top of the devices' own."""
 
-    envs: Mapping[str, str] = field(default_factory=dict)
+    envs: Mapping[str, str] = _NO_ENTRIES
     mounts: tuple[Mount, ...] = ()
     device_nodes: tuple[DeviceNode, ...] = ()
-    annotations: Mapping[str, str] = field(default_factory=dict)
+    annotations: Mapping[str, str] = _NO_ENTRIES
     cdi_devices: tuple[str, ...] = ()
 
 

@@ -239,8 +239,11 @@ def _apply(container: api_pb2.ContainerAllocateResponse, parts: Sequence[Contain
             nodes[node.container_path or node.host_path] = node
         for mount in part.mounts:
             mounts[mount.container_path] = mount
-        container.envs.update(part.envs)
-        container.annotations.update(part.annotations)
+        # A protobuf map's update() is MutableMapping's, key by key in Python: skip empties.
+        if part.envs:
+            container.envs.update(part.envs)
+        if part.annotations:
+            container.annotations.update(part.annotations)
     for path, node in nodes.items():
         container.devices.add(
             container_path=path, host_path=node.host_path, permissions=node.permissions

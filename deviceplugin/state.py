@@ -11,6 +11,7 @@ import asyncio
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 from deviceplugin.backend import Device
 from deviceplugin.names import device_id_problem
@@ -27,9 +28,12 @@ KUBELET_MAX_MESSAGE = 4 * 1024 * 1024
 _SIZE_CHECK_FROM = 40_000
 
 
-@dataclass(frozen=True, slots=True)
-class Unit:
-    """One allocatable id: a whole device, or one replica of a shared device."""
+class Unit(NamedTuple):
+    """One allocatable id: a whole device, or one replica of a shared device.
+
+    A named tuple: a resource can have tens of thousands, made on every change, and
+    a tuple is made in a fraction of a frozen dataclass's time.
+    """
 
     id: str
     device: Device
@@ -157,9 +161,49 @@ def _warn_if_too_large(response: api_pb2.ListAndWatchResponse, units: int) -> No
 
 
 def _list_response(units: Iterable[Unit]) -> api_pb2.ListAndWatchResponse:
-    response = api_pb2.ListAndWatchResponse()
+    """The device list the kubelet gets.
+
+    Written in the protobuf wire format and parsed once: building tens of thousands
+    of Device messages field by field through the protobuf API took ~7 us each. Only
+    the framing and the ID field are written here; everything else about a device
+    (health, topology) is the protobuf library's own encoding of a Device without ID,
+    one per distinct (health, NUMA node). Fields concatenated in field order are the
+    canonical encoding (tests/deviceplugin/test_state.py compares the two).
+    """
+    tails: dict[tuple[bool, int | None], bytes] = {}
+    parts: list[bytes] = []
     for unit in units:
-        entry = response.devices.add(ID=unit.id, health=HEALTHY if unit.healthy else UNHEALTHY)
-        if unit.device.numa_node is not None:
-            entry.topology.nodes.add(ID=unit.device.numa_node)
-    return response
+        key = (unit.healthy, unit.device.numa_node)
+        tail = tails.get(key)
+        if tail is None:
+            tail = tails[key] = _device_without_id(*key).SerializeToString()
+        identifier = unit.id.encode()
+        entry = _ID_TAG + _varint(len(identifier)) + identifier + tail
+        parts += (_DEVICES_TAG, _varint(len(entry)), entry)
+    return api_pb2.ListAndWatchResponse.FromString(b"".join(parts))
+
+
+# Field 1, wire type 2 (length-delimited): Device.ID, ListAndWatchResponse.devices.
+_ID_TAG = _DEVICES_TAG = bytes([1 << 3 | 2])
+
+
+def _device_without_id(healthy: bool, numa_node: int | None) -> api_pb2.Device:
+    device = api_pb2.Device(health=HEALTHY if healthy else UNHEALTHY)
+    if numa_node is not None:
+        device.topology.nodes.add(ID=numa_node)
+    return device
+
+
+_ONE_BYTE_VARINTS = [bytes([value]) for value in range(0x80)]
+
+
+def _varint(value: int) -> bytes:
+    """A non-negative int as a protobuf varint: 7 bits a byte, low first."""
+    if value < 0x80:
+        return _ONE_BYTE_VARINTS[value]
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 import re
 from pathlib import Path
 
@@ -29,15 +31,66 @@ def check_permissions(value: str) -> str:
     return value
 
 
-def numa_node_of(sys_path: Path) -> int | None:
+def numa_node_of(sys_path: Path | str) -> int | None:
     """NUMA node from sysfs: the nearest `numa_node` file of the device or its parents."""
-    for directory in (sys_path, *sys_path.parents):
-        if directory == Path("/sys") or not str(directory).startswith("/sys/"):
-            break
-        for candidate in (directory / "numa_node", directory / "device" / "numa_node"):
-            try:
-                node = int(candidate.read_text().strip())
-            except (OSError, ValueError):
-                continue
-            return node if node >= 0 else None
+    return NumaNodes().of_directory(str(sys_path))
+
+
+class NumaNodes:
+    """NUMA nodes from sysfs for one scan, each sysfs directory read at most once.
+
+    Thousands of device nodes share a few device numbers and their devices share
+    parents, so both lookups are cached. Make a new one for every scan: after a
+    hotplug, a device number or a sysfs path may belong to other hardware.
+    """
+
+    def __init__(self) -> None:
+        self._by_number: dict[tuple[str, int], int | None] = {}
+        # Directory -> the answer for it (the nearest numa_node file at or above it).
+        self._by_directory: dict[str, int | None] = {}
+
+    def of_number(self, kind: str, rdev: int) -> int | None:
+        """The NUMA node of device number `rdev`; kind is "char" or "block"."""
+        key = (kind, rdev)
+        if key not in self._by_number:
+            path = f"/sys/dev/{kind}/{os.major(rdev)}:{os.minor(rdev)}"
+            with contextlib.suppress(OSError):
+                path = os.path.realpath(path, strict=True)
+            self._by_number[key] = self.of_directory(path)
+        return self._by_number[key]
+
+    def of_directory(self, sys_path: str) -> int | None:
+        """The device's numa_node (or its parents'; negative: none), None if unknown."""
+        walked = []
+        node = None
+        directory = sys_path
+        while directory.startswith("/sys/"):
+            if directory in self._by_directory:
+                node = self._by_directory[directory]
+                break
+            walked.append(directory)
+            found = _read_numa_node(directory)
+            if found is not None:
+                node = found if found >= 0 else None  # -1: not NUMA
+                break
+            directory = directory.rpartition("/")[0]
+        # The answer is the same for every directory walked (only the last can hold a file).
+        self._by_directory.update(dict.fromkeys(walked, node))
+        return node
+
+
+def _read_numa_node(directory: str) -> int | None:
+    """The value of the directory's own numa_node file, or None if it has none."""
+    for candidate in (f"{directory}/numa_node", f"{directory}/device/numa_node"):
+        try:
+            descriptor = os.open(candidate, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            node = int(os.read(descriptor, 64))
+        except (OSError, ValueError):
+            continue
+        finally:
+            os.close(descriptor)
+        return node
     return None

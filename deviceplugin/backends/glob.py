@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fnmatch
 import glob
 import itertools
 import logging
+import operator
 import os
+import re
 import stat
 from collections.abc import AsyncIterator, Mapping
-from fnmatch import fnmatchcase
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any
 
@@ -29,7 +31,7 @@ from asyncinotify import Inotify, Mask, Watch
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from deviceplugin.backend import Device, DeviceNode
-from deviceplugin.backends.common import check_permissions, device_id, numa_node_of
+from deviceplugin.backends.common import NumaNodes, check_permissions, device_id
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,41 @@ def _static_base(pattern: str) -> str:
     return str(PurePosixPath(*static[: len(parts) - 1]))
 
 
+def _matching_nodes(pattern: str) -> list[tuple[str, os.stat_result]]:
+    """What glob.glob(pattern) finds, sorted, each with its stat (symlinks followed).
+
+    The last component is matched against a listing of each directory and each match
+    stat-ed relative to it: glob's per-name overhead and full-path lookups would
+    dominate a scan of tens of thousands of nodes.
+    """
+    directory_pattern, _, name_pattern = pattern.rpartition("/")
+    directory_pattern = directory_pattern or "/"
+    directories = [directory_pattern]
+    if glob.has_magic(directory_pattern):
+        directories = glob.glob(directory_pattern)
+    match = re.compile(fnmatch.translate(name_pattern)).match
+    hidden = name_pattern.startswith(".")  # as glob: a dot matches only a dot
+    found = []
+    for directory in directories:
+        try:
+            descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            continue  # gone, or not a directory
+        try:
+            for name in os.listdir(descriptor):  # noqa: PTH208 - names relative to the descriptor
+                if match(name) is None or (name[0] == "." and not hidden):
+                    continue
+                try:
+                    status = os.stat(name, dir_fd=descriptor)
+                except OSError:
+                    continue  # removed while we looked
+                found.append((f"{directory.rstrip('/')}/{name}", status))
+        finally:
+            os.close(descriptor)
+    found.sort(key=operator.itemgetter(0))
+    return found
+
+
 def _levels(pattern: str) -> tuple[list[str], list[str]]:
     """Directory patterns to watch, and the patterns an interesting entry matches.
 
@@ -83,37 +120,35 @@ class GlobBackend:
         self._dir_patterns = sorted({d for dirs, _ in levels for d in dirs})
         self._entry_patterns = sorted({e for _, entries in levels for e in entries})
 
-    def _device(self, name: str, path: str, rdev: int, kind: str) -> Device:
+    def _device(self, name: str, path: str, numa_node: int | None) -> Device:
         container_path = None
         if self.config.container_dir is not None:
-            container_path = f"{self.config.container_dir}/{Path(path).name}"
-        sys_path = Path(f"/sys/dev/{kind}/{os.major(rdev)}:{os.minor(rdev)}")
-        with contextlib.suppress(OSError):
-            sys_path = sys_path.resolve(strict=True)
+            container_path = f"{self.config.container_dir}/{path.rpartition('/')[2]}"
         return Device(
             id=device_id(name.replace("/", "-")),
-            numa_node=numa_node_of(sys_path),
+            numa_node=numa_node,
             device_nodes=(DeviceNode(path, container_path, self.config.permissions),),
         )
 
     def scan(self) -> list[Device]:
+        # Plain strings and os calls: a scan may meet tens of thousands of nodes.
+        numa = NumaNodes()
         devices: dict[str, Device] = {}
         for pattern in self.config.paths:
             base = _static_base(pattern)
-            for path in sorted(glob.glob(pattern)):
-                try:
-                    mode = Path(path).stat()
-                except OSError:
-                    continue  # removed while we looked
-                if stat.S_ISCHR(mode.st_mode):
+            prefix = base if base.endswith("/") else f"{base}/"
+            for path, status in _matching_nodes(pattern):
+                if stat.S_ISCHR(status.st_mode):
                     kind = "char"
-                elif stat.S_ISBLK(mode.st_mode):
+                elif stat.S_ISBLK(status.st_mode):
                     kind = "block"
                 else:
                     continue
-                device = self._device(os.path.relpath(path, base), path, mode.st_rdev, kind)
+                numa_node = numa.of_number(kind, status.st_rdev)
+                # Paths keep the pattern's literal prefix as it is written.
+                device = self._device(path.removeprefix(prefix), path, numa_node)
                 if device.id in devices:  # two patterns, same relative name: use the whole path
-                    device = self._device(path.lstrip("/"), path, mode.st_rdev, kind)
+                    device = self._device(path.lstrip("/"), path, numa_node)
                 devices.setdefault(device.id, device)
         return list(devices.values())
 
@@ -131,7 +166,7 @@ class GlobBackend:
                 inotify.rm_watch(watches.pop(directory))
 
     def _interesting(self, path: Path | None) -> bool:
-        return path is None or any(fnmatchcase(str(path), p) for p in self._entry_patterns)
+        return path is None or any(fnmatch.fnmatchcase(str(path), p) for p in self._entry_patterns)
 
     async def watch(self) -> AsyncIterator[list[Device]]:
         # sync_timeout=0: sync_get() polls. asyncinotify 4.4 defines InitFlags.NONBLOCK as

@@ -132,6 +132,20 @@ async def test_a_dying_plugin_stops_the_daemon_with_its_error(short_tmp: Path) -
     assert sockets_in(config.device_plugin_dir) == []
 
 
+async def test_a_fatal_error_exits_1_and_its_last_lines_reach_stderr(short_tmp: Path) -> None:
+    """The log writer thread is drained before exit: the reason is the last line."""
+    (short_tmp / "device-plugins").write_text("a file where the kubelet's directory belongs")
+    config = write_config(short_tmp)
+    process = await asyncio.create_subprocess_exec(
+        *RUN, "--config", str(config), stderr=asyncio.subprocess.PIPE
+    )
+    _, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
+    assert process.returncode == 1
+    last = json.loads(stderr.decode().splitlines()[-1])
+    assert last["msg"] == "fatal error; exiting so that the node restarts the daemon"
+    assert "FileExistsError" in last["exception"]
+
+
 async def run_cli(*args: str) -> tuple[int, str, str]:
     process = await asyncio.create_subprocess_exec(
         *NODEPLUG, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE

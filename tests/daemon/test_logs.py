@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import ast
+import io
 import json
 import logging
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from daemon import logs
 from daemon.logs import JsonFormatter, TextFormatter
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -133,3 +136,65 @@ def test_formatters_take_any_field_value(formatter: logging.Formatter) -> None:
     if isinstance(formatter, JsonFormatter):
         entry = json.loads(text)
         assert (entry["msg"], entry["path"], entry["level"]) == ("m a", "/x", "debug")
+
+
+@pytest.fixture
+def restored_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    flags = logging._srcfile, logging.logThreads, logging.logProcesses, logging.logMultiprocessing
+    try:
+        yield
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+        (
+            logging._srcfile,
+            logging.logThreads,
+            logging.logProcesses,
+            logging.logMultiprocessing,
+        ) = flags
+
+
+@pytest.mark.usefixtures("restored_logging")
+def test_the_writer_thread_writes_everything_by_close_with_request_ids() -> None:
+    buffer = io.StringIO()
+    writer = logs.configure("json", "info", background=True, stream=buffer)
+    log = logging.getLogger("daemon.test")
+    token = logs.REQUEST_ID.set("0badcafe")
+    try:
+        for index in range(500):
+            log.info("allocated %d", index, extra={"devices": ["a"]})
+    finally:
+        logs.REQUEST_ID.reset(token)
+    log.error("fatal error", exc_info=RuntimeError("driver unloaded"))
+    log.debug("below the level")
+    writer.close()
+    log.error("after close: written at once")
+    entries = [json.loads(line) for line in buffer.getvalue().splitlines()]
+    assert [e["msg"] for e in entries[:2]] == ["allocated 0", "allocated 1"]
+    assert len(entries) == 502
+    assert all(e["request_id"] == "0badcafe" for e in entries[:500])
+    assert entries[500]["msg"] == "fatal error"
+    assert "RuntimeError: driver unloaded" in entries[500]["exception"]
+    assert "request_id" not in entries[500]
+    assert entries[501]["msg"] == "after close: written at once"
+
+
+@pytest.mark.usefixtures("restored_logging")
+def test_the_event_loop_thread_neither_formats_nor_writes() -> None:
+    class Recording(io.StringIO):
+        def __init__(self) -> None:
+            super().__init__()
+            self.threads: set[int] = set()
+
+        def write(self, text: str) -> int:
+            self.threads.add(threading.get_ident())
+            return super().write(text)
+
+    stream = Recording()
+    writer = logs.configure("json", "info", background=True, stream=stream)
+    logging.getLogger("daemon.test").info("allocated", extra={"devices": ["a"]})
+    writer.close()
+    assert stream.getvalue()
+    assert threading.get_ident() not in stream.threads

@@ -96,7 +96,7 @@ async def test_bad_or_same_config_changes_nothing(short_tmp: Path, kubelet: Fake
         assert await reloader.reload(daemon) == "unchanged"
         assert registrations(kubelet, A) == 1
         assert daemon.ready
-        rejected = daemon.metrics.reloads.labels("rejected")._value.get()
+        rejected = daemon.metrics.reloads.labels("rejected").value
         assert rejected >= 3
 
 

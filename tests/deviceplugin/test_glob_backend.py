@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from deviceplugin.backends import common
 from deviceplugin.backends.common import numa_node_of
 from deviceplugin.backends.glob import create
 from deviceplugin.testkit import FakeKubelet
@@ -143,3 +144,32 @@ def test_numa_node_comes_from_sysfs(short_tmp: Path) -> None:
         (device,) = backend.scan()
         assert device.numa_node == 1
     assert numa_node_of(Path("/sys/devices/virtual/mem/null")) is None
+
+
+def test_a_scan_reads_each_sysfs_directory_once(
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nodes share device numbers and their devices share parents: sysfs is read once."""
+    reads: list[str] = []
+    real = common._read_numa_node
+
+    def counted(directory: str) -> int | None:
+        reads.append(directory)
+        return real(directory)
+
+    monkeypatch.setattr(common, "_read_numa_node", counted)
+    numbers = [NULL, os.makedev(1, 5)]  # null and zero: siblings in /sys/devices/virtual/mem
+    for index in range(50):
+        mknod(short_tmp / f"w{index}", rdev=numbers[index % 2])
+    devices = create({"paths": [f"{short_tmp}/w*"]}).scan()
+    assert len(devices) == 50
+    assert len(reads) == len(set(reads)), "no directory read twice"
+    assert {d.numa_node for d in devices} == {None}
+    # null, zero, and their shared parents up to /sys/devices
+    assert sorted(reads) == [
+        "/sys/devices",
+        "/sys/devices/virtual",
+        "/sys/devices/virtual/mem",
+        "/sys/devices/virtual/mem/null",
+        "/sys/devices/virtual/mem/zero",
+    ]

@@ -6,9 +6,12 @@ import asyncio
 import logging
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from deviceplugin.backend import Device
 from deviceplugin.state import DeviceState
+from deviceplugin.v1beta1 import api_pb2
 
 
 async def test_diff_reports_what_the_kubelet_sees_changing() -> None:
@@ -89,3 +92,45 @@ async def test_lists_over_the_kubelets_4_mib_limit_are_reported(
         state.update(devices)
     assert ("too large for the kubelet" in caplog.text) is too_large
     assert (state.response.ByteSize() > 4 * 1024 * 1024) is too_large
+
+
+def built_field_by_field(state: DeviceState) -> api_pb2.ListAndWatchResponse:
+    """The list as the protobuf API builds it, one field at a time."""
+    response = api_pb2.ListAndWatchResponse()
+    for unit in state.units.values():
+        entry = response.devices.add(ID=unit.id, health="Healthy" if unit.healthy else "Unhealthy")
+        if unit.device.numa_node is not None:
+            entry.topology.nodes.add(ID=unit.device.numa_node)
+    return response
+
+
+# Valid ids (printable, no whitespace or comma, at most 63 characters), multi-byte
+# UTF-8 included: an id of 63 such characters is longer than one varint byte can say.
+IDS = st.text(
+    st.characters(
+        codec="utf-8",
+        exclude_categories=["Cs", "Cc", "Zs", "Zl", "Zp", "Cf", "Co", "Cn"],
+        exclude_characters=",",
+    ),
+    min_size=1,
+    max_size=63,
+)
+
+
+@given(
+    devices=st.dictionaries(
+        IDS,
+        st.tuples(st.booleans(), st.none() | st.integers(0, 2**40)),
+        max_size=30,
+    ),
+    replicas=st.integers(1, 3),
+)
+def test_the_list_is_what_protobuf_itself_builds(
+    devices: dict[str, tuple[bool, int | None]], replicas: int
+) -> None:
+    state = DeviceState(replicas)
+    snapshot = [Device(i, healthy=h, numa_node=n) for i, (h, n) in devices.items() if "::" not in i]
+    state.update(snapshot)
+    assert len(state.response.devices) == len(state.units)
+    assert state.response == built_field_by_field(state)
+    assert state.response.SerializeToString() == built_field_by_field(state).SerializeToString()

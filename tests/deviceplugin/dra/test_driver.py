@@ -11,7 +11,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from prometheus_client import generate_latest
 
 from daemon.config import Config
 from deviceplugin.backend import Version
@@ -299,7 +298,7 @@ async def test_metrics_count_claims_slices_and_dra_calls(
         await api.wait_for(lambda: len(published(api)) == 2)
         await dra_kubelet.prepare(DRIVER, [("ns", uid, "c")])
         await asyncio.wait_for(daemon.dra[RESOURCE].driver.publisher.in_sync.wait(), 5)
-        text = generate_latest(daemon.metrics.registry).decode()
+        text = daemon.metrics.render().decode()
     assert f'nodeplug_dra_prepared_claims{{driver="{DRIVER}"}} 1.0' in text
     assert f'nodeplug_dra_published_devices{{driver="{DRIVER}"}} 2.0' in text
     assert f'nodeplug_dra_slices_in_sync{{driver="{DRIVER}"}} 1.0' in text
