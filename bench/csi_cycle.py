@@ -10,9 +10,15 @@ commands: its p99 and max are what the sidecars' --timeout must leave room for
 
 One cycle is what a pod's volume costs the driver: CreateVolume, NodeStageVolume,
 NodePublishVolume, NodeUnpublishVolume, NodeUnstageVolume, DeleteVolume, each a
-gRPC call over the Unix socket with state saved (fsync) at every step. The
-baseline runs the same storage commands directly (btrfs, mount, losetup), with no
-gRPC, no validation and no state, in the same run on the same pool. Needs root:
+gRPC call over the Unix socket with its state saved at every step. The baseline
+does what the driver must do for the same cycle with the storage commands a
+script would run (btrfs, mount, losetup), with no gRPC, no validation and no
+state, in the same run on the same pool: create the subvolume and set its qgroup
+limit (or make the NOCOW block file), bind-mount it at the staging path and from
+there at the target (or attach a loop device and bind-mount it at the target),
+unmount both (detach), then find the subvolume's id, delete it with a commit and
+destroy its qgroup once the kernel has dropped it. The driver does the same with
+ioctls and system calls, the qgroup step in the background. Needs root:
 a 2 GiB btrfs image is loop-mounted in a temp dir. Block cycles use at most 2
 concurrent clients: each holds a loop device and only /dev/loop0-7 exist here.
 """
@@ -32,6 +38,7 @@ import grpc
 
 from csi.config import CsiConfig
 from csi.driver import CsiDriver
+from csi.errors import CommandError
 from csi.system import run
 from csi.v1 import csi_pb2, csi_pb2_grpc
 
@@ -94,6 +101,22 @@ async def csi_cycle(
     await controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=volume.volume_id))
 
 
+async def bare_delete(pool: Path, subvolume: Path) -> None:
+    """Delete a subvolume and its qgroup with the btrfs commands, as the driver must."""
+    subvolume_id = (await run("btrfs", "inspect-internal", "rootid", str(subvolume))).strip()
+    # The commit lets the cleaner drop it now, so that its qgroup can go.
+    await run("btrfs", "subvolume", "delete", "--commit-after", str(subvolume))
+    while True:
+        try:
+            await run("btrfs", "qgroup", "destroy", f"0/{subvolume_id}", str(pool))
+        except CommandError as error:
+            if "busy" in str(error):
+                await asyncio.sleep(0.01)
+                continue
+            # Linux 6.7+ removes the qgroup itself once the subvolume is dropped.
+        return
+
+
 async def bare_cycle(pool: Path, kubelet: Path, index: str, *, block: bool, prefix: str) -> None:
     """The storage commands of a cycle, run directly."""
     name = f"{prefix}-{index}"
@@ -113,11 +136,16 @@ async def bare_cycle(pool: Path, kubelet: Path, index: str, *, block: bool, pref
         await run("losetup", "-d", device)
     else:
         await run("btrfs", "qgroup", "limit", str(16 * MiB), str(subvolume))
+        staging = kubelet / "staging" / name
+        staging.mkdir()
         target.mkdir()
-        await run("mount", "--bind", str(subvolume), str(target))
+        await run("mount", "--bind", str(subvolume), str(staging))
+        await run("mount", "--bind", str(staging), str(target))
         await run("umount", str(target))
+        await run("umount", str(staging))
         target.rmdir()
-    await run("btrfs", "subvolume", "delete", str(subvolume))
+        staging.rmdir()
+    await bare_delete(pool, subvolume)
 
 
 def write_unsynced(directory: Path, size: int) -> None:
@@ -182,8 +210,8 @@ async def bare_calls(pool: Path, count: int, clients: int) -> dict[str, list[flo
         )
 
     async def delete(name: str) -> None:
-        await run("btrfs", "property", "set", "-ts", str(bare / name), "ro", "false")
-        await run("btrfs", "subvolume", "delete", "--commit-after", str(bare / name))
+        # Root deletes a read-only snapshot as it is: no property change first.
+        await bare_delete(pool, bare / name)
 
     latencies = {"CreateVolume": (await measure(create_volume, count, clients))[0]}
     for index in range(count):

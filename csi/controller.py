@@ -192,7 +192,9 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         key = volume_name_key(name)
         with self.driver.locks.hold(key):
             source, source_size = self._source(request, block)
-            record = self.driver.store.state.volume_by_name(name)
+            record = self.driver.store.state.volume_by_name(name) or self.driver.operations.running(
+                key, VolumeRecord
+            )
             if record is None:
                 if source_size > size:
                     if (
@@ -434,7 +436,9 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
             raise InvalidArgumentError("parameters: none are supported")
         key = f"snapshot-name:{name}"
         with self.driver.locks.hold(key):
-            record = self.driver.store.state.snapshot_by_name(name)
+            record = self.driver.store.state.snapshot_by_name(
+                name
+            ) or self.driver.operations.running(key, SnapshotRecord)
             if record is None:
                 volume_id = validation.object_id(
                     request.source_volume_id, validation.VOLUME_PREFIX, "source_volume_id"

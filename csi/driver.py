@@ -72,6 +72,7 @@ class CsiDriver:
     async def stop(self) -> None:
         """Cancel the creates still running once the server has stopped serving."""
         await self.operations.stop()
+        await self.pool.close()
 
     def add_services(self, server: grpc.aio.Server) -> None:
         csi_pb2_grpc.add_IdentityServicer_to_server(self.identity, server)

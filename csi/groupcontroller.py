@@ -101,7 +101,9 @@ class GroupControllerServicer(csi_pb2_grpc.GroupControllerServicer):
             raise InvalidArgumentError("source_volume_ids: a volume is named twice")
         key = group_name_key(name)
         with self.driver.locks.hold(key):
-            group = self.driver.store.state.group_snapshot_by_name(name)
+            group = self.driver.store.state.group_snapshot_by_name(
+                name
+            ) or self.driver.operations.running(key, GroupSnapshotRecord)
             if group is None:
                 volume_ids = [
                     validation.object_id(

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from importlib import metadata
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
@@ -17,6 +20,22 @@ if TYPE_CHECKING:
 Service = csi_pb2.PluginCapability.Service
 Expansion = csi_pb2.PluginCapability.VolumeExpansion
 Context = grpc.aio.ServicerContext[object, object]
+
+
+async def probed(socket: Path, timeout: float = 30) -> None:
+    """Wait until a driver serves Probe at socket (a killed one leaves its socket file).
+
+    For clients that start a driver process: tests, benchmarks.
+    """
+    async with asyncio.timeout(timeout):
+        while True:
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                async with grpc.aio.insecure_channel(f"unix:{socket}") as channel:
+                    await csi_pb2_grpc.IdentityStub(channel).Probe(
+                        csi_pb2.ProbeRequest(), timeout=1
+                    )
+                    return
+            await asyncio.sleep(0.05)
 
 
 def vendor_version() -> str:

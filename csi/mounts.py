@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,7 +102,9 @@ async def make_directory(root: Path, path: Path) -> None:
 
 async def unmount(root: Path, path: Path) -> None:
     """Unmount every mount stacked at path (beneath root); lazily if one is busy."""
-    while await mounted_at(path) is not None:
+    # A path that cannot be walked (gone, or through a symlink) has nothing of ours
+    # mounted at it, and what a symlink leads to is never touched.
+    with contextlib.suppress(safepath.PathError):
         await asyncio.to_thread(safepath.unmount, root, path)
 
 

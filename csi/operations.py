@@ -34,10 +34,14 @@ class Operations:
     def __init__(self) -> None:
         self._running: dict[str, tuple[asyncio.Task[Any], object]] = {}
 
-    def running(self, key: str) -> object | None:
-        """What the operation in flight under key works on (its record), if there is one."""
+    def running(self, key: str, kind: type[T]) -> T | None:
+        """The record the operation in flight under key works on, if there is one.
+
+        Its task records it in the state only once it runs: a call with the same name
+        that comes in between finds it here, not there.
+        """
         entry = self._running.get(key)
-        return entry[1] if entry is not None else None
+        return entry[1] if entry is not None and isinstance(entry[1], kind) else None
 
     def start(self, key: str, subject: object, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         """Run work under key until it is done, whatever happens to the caller."""

@@ -16,17 +16,17 @@ import contextlib
 import errno
 import logging
 import os
-import re
 import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from csi import btrfs, loop
 from csi.config import PoolConfig
 from csi.errors import CommandError, SetupError
 from csi.files import private_directory, private_file
 from csi.mounts import mounted_at
-from csi.system import run
+from csi.system import SyscallError, run
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +35,11 @@ SNAPSHOTS = "snapshots"
 DISK = "disk"
 # The inode number of every btrfs subvolume's root directory.
 _SUBVOLUME_INODE = 256
-_LOOP_LINE = re.compile(r"^(/dev/loop\d+): ")
-_GENERATION_LINE = re.compile(r"^\s*(Generation|Gen at creation):\s+(\d+)\s*$", re.MULTILINE)
-# How long DeleteVolume waits for the kernel to drop a deleted subvolume before its
-# qgroup can go; a qgroup still there after that is cleared at the next start.
+# How long a deleted subvolume's qgroup is waited for (in the background) until the
+# kernel has dropped the subvolume; one still there after that is cleared at the next start.
 QGROUP_CLEANUP_TIMEOUT = 30.0
+# The longest pause between two attempts at destroying those qgroups.
+_QGROUP_RETRY_MAX = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +72,7 @@ class Pool:
         self.root = config.path
         self.volumes = config.path / VOLUMES
         self.snapshots = config.path / SNAPSHOTS
+        self._qgroups = _DroppedQgroups(config.path)
 
     def volume_path(self, volume_id: str) -> Path:
         return self.volumes / volume_id
@@ -91,11 +92,15 @@ class Pool:
         mount = await mounted_at(self.root)
         if mount is None or mount.fs_type != "btrfs":
             raise CommandError(f"pool path {self.root} is not a mounted btrfs filesystem")
-        await run("btrfs", "quota", "enable", str(self.root))
+        await asyncio.to_thread(btrfs.enable_quota, self.root)
         await self._clear_stale_qgroups()
         # Only the daemon goes through the pool: pods reach their volumes by bind mounts.
         for directory in (self.root, self.volumes, self.snapshots):
             await asyncio.to_thread(private_directory, directory)
+
+    async def close(self) -> None:
+        """Stop destroying the qgroups of deleted subvolumes (the next open clears them)."""
+        await self._qgroups.close()
 
     async def _clear_stale_qgroups(self) -> None:
         """Remove qgroups left by deletions that a crash or a slow drop interrupted."""
@@ -142,22 +147,15 @@ class Pool:
     # --- subvolumes and qgroups -------------------------------------------------------
 
     async def create_subvolume(self, path: Path) -> None:
-        await run("btrfs", "subvolume", "create", str(path))
+        await asyncio.to_thread(btrfs.create_subvolume, path)
 
     async def snapshot(self, source: Path, target: Path, readonly: bool) -> None:
-        flags = ["-r"] if readonly else []
-        await run("btrfs", "subvolume", "snapshot", *flags, str(source), str(target))
+        await asyncio.to_thread(btrfs.snapshot, source, target, readonly)
 
     async def generations(self, path: Path) -> Generations:
         """The subvolume's last-changed and created-at transaction ids."""
-        output = await run("btrfs", "subvolume", "show", str(path))
-        found = dict(_GENERATION_LINE.findall(output))
-        try:
-            return Generations(int(found["Generation"]), int(found["Gen at creation"]))
-        except KeyError:
-            raise CommandError(
-                f"btrfs subvolume show {path}: no generations in its output"
-            ) from None
+        found = await asyncio.to_thread(btrfs.info, path)
+        return Generations(found.generation, found.created)
 
     async def snapshot_group(self, members: Sequence[tuple[Path, Path]]) -> bool:
         """Snapshot each (source, target) read-only; True if they form one crash-consistent cut.
@@ -168,9 +166,14 @@ class Pool:
         then checked: a source whose generation is still its snapshot's creation
         generation has had no change committed since, so every snapshot equals its
         source as of the last snapshot's commit, the state a crash at that instant
-        would have left. Writes not yet flushed then are not in the cut, as a crash
-        would lose them. If a source changed in between, the snapshots are deleted
-        and False returned: the caller may try again.
+        would have left. Creating a snapshot commits the whole pool, so a write made
+        to a member after its snapshot, fsync'd (in btrfs' log tree) or not, moves
+        that member's generation by the next member's snapshot at the latest. A write
+        made after the last snapshot's commit comes after the cut's instant: it is
+        not in the cut, as it would not be in a crash at that instant. Writes not yet
+        flushed by then are not in the cut either, as a crash would lose them. If a
+        source changed in between, the snapshots are deleted and False returned: the
+        caller may try again.
         """
         made: list[Path] = []
         try:
@@ -199,59 +202,32 @@ class Pool:
         return True
 
     async def delete_subvolume(self, path: Path) -> None:
-        """Delete a subvolume and its level-0 qgroup, which btrfs leaves behind (stale)."""
+        """Delete a subvolume; its level-0 qgroup, which btrfs leaves behind, goes soon after.
+
+        The qgroup stays busy until the kernel has dropped the subvolume's data, which
+        takes a commit and the cleaner thread: that is waited for in the background
+        (see _DroppedQgroups), not by the caller.
+        """
         if not is_subvolume(path):
             return
-        subvolume_id = (await run("btrfs", "inspect-internal", "rootid", str(path))).strip()
-        await run("btrfs", "property", "set", "-ts", str(path), "ro", "false")
-        # Committing wakes the cleaner now; without it the subvolume is dropped (and its
-        # qgroup freed) only at the next periodic commit, up to 30 s later.
-        await run("btrfs", "subvolume", "delete", "--commit-after", str(path))
-        await self._destroy_qgroup(f"0/{subvolume_id}")
+        subvolume_id = await asyncio.to_thread(_delete, path)
+        self._qgroups.add(subvolume_id)
 
-    async def _destroy_qgroup(self, qgroup: str) -> None:
-        delay = 0.01
-        try:
-            async with asyncio.timeout(QGROUP_CLEANUP_TIMEOUT):
-                while not await self._qgroup_gone(qgroup):
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 0.1)
-        except TimeoutError:
-            log.warning("a deleted subvolume's qgroup is still busy", extra={"qgroup": qgroup})
-
-    async def _qgroup_gone(self, qgroup: str) -> bool:
-        """Destroy the qgroup of a deleted subvolume; False while the kernel still uses it."""
-        try:
-            await run("btrfs", "qgroup", "destroy", qgroup, str(self.root))
-        except CommandError as error:
-            # Busy until the cleaner has dropped the subvolume.
-            if "Device or resource busy" in str(error):
-                return False
-            # Linux 6.7+ removes the qgroup itself once the subvolume is dropped.
-            if "No such file or directory" not in str(error):
-                raise
-        return True
+    async def qgroups_dropped(self) -> None:
+        """Wait until the qgroups of the subvolumes deleted so far are gone (or given up)."""
+        await self._qgroups.settled()
 
     async def set_limit(self, path: Path, limit: int) -> None:
-        await run("btrfs", "qgroup", "limit", str(limit), str(path))
+        await asyncio.to_thread(btrfs.set_limit, path, limit)
 
     async def referenced(self, path: Path) -> int:
         """Bytes a subvolume references (its qgroup's rfer), as the quota counts them."""
-        output = await run("btrfs", "qgroup", "show", "-rf", "--raw", str(path))
-        for line in output.splitlines():
-            fields = line.split()
-            if fields and fields[0].startswith("0/"):
-                return int(fields[1])
-        return 0
+        return await asyncio.to_thread(_referenced, self.root, path)
 
     # --- block files ------------------------------------------------------------------
 
     async def create_disk(self, volume_id: str, size: int) -> None:
-        disk = self.disk_path(volume_id)
-        disk.touch(mode=0o600, exist_ok=True)
-        # NOCOW must be set while the file is empty; the file stays sparse.
-        await run("chattr", "+C", str(disk))
-        await asyncio.to_thread(os.truncate, disk, size)
+        await asyncio.to_thread(_create_disk, self.disk_path(volume_id), size)
 
     async def grow_disk(self, volume_id: str, size: int) -> None:
         disk = self.disk_path(volume_id)
@@ -261,21 +237,18 @@ class Pool:
     # --- loop devices -----------------------------------------------------------------
 
     async def attach(self, file: Path, readonly: bool = False) -> str:
-        flags = ["--read-only"] if readonly else []
-        output = await run("losetup", *flags, "--find", "--show", "--", str(file))
-        return output.strip()
+        return await asyncio.to_thread(loop.attach, file, readonly)
 
     async def loop_devices(self, file: Path) -> list[str]:
-        output = await run("losetup", "-j", str(file))
-        return [m.group(1) for line in output.splitlines() if (m := _LOOP_LINE.match(line))]
+        return await asyncio.to_thread(loop.devices_of, file)
 
     async def detach(self, device: str) -> None:
-        with contextlib.suppress(CommandError):
-            await run("losetup", "-d", device)
+        with contextlib.suppress(SyscallError, FileNotFoundError):
+            await asyncio.to_thread(loop.detach, device)
 
     async def refresh(self, device: str) -> None:
         """Make the loop device see its file's new size."""
-        await run("losetup", "-c", device)
+        await asyncio.to_thread(loop.refresh, device)
 
     # --- space ------------------------------------------------------------------------
 
@@ -292,6 +265,100 @@ class Pool:
             return {p.name for p in directory.iterdir() if is_subvolume(p)}
         except FileNotFoundError:
             return set()
+
+
+class _DroppedQgroups:
+    """The qgroups of deleted subvolumes, destroyed in the background once they can be.
+
+    A deleted subvolume's data is dropped by the kernel's cleaner after a commit; until
+    then its qgroup is busy (EBUSY). Linux 6.7+ removes the qgroup itself once the
+    subvolume is dropped (ENOENT here); older kernels leave it for us. Each round
+    starts a commit (so the cleaner does not wait for the periodic one, up to 30 s
+    away) and tries every pending qgroup; rounds back off to _QGROUP_RETRY_MAX.
+    """
+
+    def __init__(self, filesystem: Path) -> None:
+        self._filesystem = filesystem
+        # qgroup id -> when to give up on it (event loop time).
+        self._pending: dict[int, float] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def add(self, qgroup_id: int) -> None:
+        self._pending[qgroup_id] = asyncio.get_running_loop().time() + QGROUP_CLEANUP_TIMEOUT
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="destroy dropped qgroups")
+
+    async def settled(self) -> None:
+        if self._task is not None:
+            await asyncio.shield(self._task)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        delay = 0.005
+        while self._pending:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _QGROUP_RETRY_MAX)
+            try:
+                gone = await asyncio.to_thread(
+                    _destroy_dropped, self._filesystem, set(self._pending)
+                )
+            except SyscallError as error:
+                log.warning(
+                    "cannot destroy the qgroups of deleted subvolumes", extra={"error": str(error)}
+                )
+                return
+            now = asyncio.get_running_loop().time()
+            for qgroup_id, deadline in list(self._pending.items()):
+                if qgroup_id in gone:
+                    del self._pending[qgroup_id]
+                elif now > deadline:
+                    log.warning(
+                        "a deleted subvolume's qgroup is still busy",
+                        extra={"qgroup": f"0/{qgroup_id}"},
+                    )
+                    del self._pending[qgroup_id]
+
+
+def _delete(path: Path) -> int:
+    """Delete the subvolume at path; its id."""
+    subvolume_id = btrfs.info(path).id
+    btrfs.delete_subvolume(path)
+    return subvolume_id
+
+
+def _destroy_dropped(filesystem: Path, qgroup_ids: set[int]) -> set[int]:
+    """Start a commit, then destroy what it can of qgroup_ids; those now gone."""
+    btrfs.start_commit(filesystem)
+    gone = set()
+    for qgroup_id in qgroup_ids:
+        try:
+            btrfs.destroy_qgroup(filesystem, qgroup_id)
+        except SyscallError as error:
+            if error.errno == errno.EBUSY:
+                continue  # not dropped yet
+            if error.errno != errno.ENOENT:
+                raise
+        gone.add(qgroup_id)
+    return gone
+
+
+def _referenced(filesystem: Path, path: Path) -> int:
+    return btrfs.referenced(filesystem, btrfs.info(path).id) or 0
+
+
+def _create_disk(disk: Path, size: int) -> None:
+    descriptor = os.open(disk, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        # NOCOW must be set while the file is empty; the file stays sparse.
+        btrfs.set_nocow(descriptor)
+        os.ftruncate(descriptor, size)
+    finally:
+        os.close(descriptor)
 
 
 def _create_sparse(path: Path, size: int) -> None:

@@ -304,14 +304,23 @@ def attach(tree: int, root: Path, target: Path, attributes: tuple[int, int], fil
         )
 
 
-def unmount(root: Path, path: Path) -> None:
-    """Unmount the topmost mount at path; detach it lazily if it is busy."""
+def unmount(root: Path, path: Path) -> int:
+    """Unmount every mount stacked at path, topmost first (lazily if busy); how many.
+
+    umount2 answers EINVAL once nothing is mounted at path any more, so the mount
+    table is never read.
+    """
+    count = 0
     with parent(root, path) as (directory, name):
-        through_parent = os.fsencode(f"/proc/self/fd/{directory}/{name}")
-        try:
-            _check(_libc.umount2(ctypes.c_char_p(through_parent), ctypes.c_int(_UMOUNT_NOFOLLOW)))
-        except OSError as error:
-            if error.errno != errno.EBUSY:
-                raise
-            flags = _UMOUNT_NOFOLLOW | _MNT_DETACH
-            _check(_libc.umount2(ctypes.c_char_p(through_parent), ctypes.c_int(flags)))
+        through_parent = ctypes.c_char_p(os.fsencode(f"/proc/self/fd/{directory}/{name}"))
+        while True:
+            try:
+                _check(_libc.umount2(through_parent, ctypes.c_int(_UMOUNT_NOFOLLOW)))
+            except OSError as error:
+                if error.errno in {errno.EINVAL, errno.ENOENT}:
+                    return count
+                if error.errno != errno.EBUSY:
+                    raise
+                flags = _UMOUNT_NOFOLLOW | _MNT_DETACH
+                _check(_libc.umount2(through_parent, ctypes.c_int(flags)))
+            count += 1

@@ -1,15 +1,26 @@
 """The driver's one state store: volumes, snapshots, stagings and publications.
 
-It lives in one JSON file under stateDir, replaced atomically on every change
-(temp file, fsync, rename, fsync of the directory), so a crash leaves either the
-old or the new state, never a torn one. The file each write replaces stays
-beside it as csi-state.json.prev: if the current one is damaged anyway (a disk,
-an editor), the one before the last change is there to recover from. Records
-carry a status: an operation first records its intent ("pending"), then does
-the work, then records "ready"; after a crash the reconciler finishes or undoes
-whatever is still pending. A file the driver cannot read stops the driver
-(StateFileError) rather than being taken for an empty state, which would
-forget every volume.
+Two JSON files under stateDir, each replaced atomically (temp file, rename) on
+every change to it, so a crash leaves either the old or the new one, never a
+torn one:
+
+- csi-state.json: volumes, snapshots and group snapshots, which outlive a reboot.
+  Its writes are durable (the temp file fsync'd before the rename, the directory
+  after): a power cut too leaves the old or the new state. The file each write
+  replaces stays beside it as csi-state.json.prev: if the current one is damaged
+  anyway (a disk, an editor), the one before the last change is there to recover
+  from.
+- csi-node-state.<boot id>.json: stagings and publications, which are mounts and
+  loop devices, gone with the boot they were made in. Its writes need no fsync:
+  a killed daemon finds the file as the page cache holds it, and a power cut
+  means a new boot, whose file this is not (files of other boots are removed at
+  load). So stage, publish and their undoing cost no fsync at all.
+
+Records carry a status: an operation first records its intent ("pending"), then
+does the work, then records "ready"; after a crash the reconciler finishes or
+undoes whatever is still pending. A file the driver cannot read stops the driver
+(StateFileError) rather than being taken for an empty state, which would forget
+every volume.
 """
 
 from __future__ import annotations
@@ -29,8 +40,15 @@ from csi.errors import NotFoundError, SetupError
 from csi.files import private_directory
 
 STATE_FILE = "csi-state.json"
+NODE_STATE_FILE = "csi-node-state.{boot}.json"
 PREVIOUS_SUFFIX = ".prev"
-FORMAT_VERSION = 1
+# 2: stagings and publications moved to the node state file. Version 1 files are read
+# (their stagings and publications taken over); a version 1 daemon refuses version 2,
+# rather than take the missing stagings for none and unmount them.
+FORMAT_VERSION = 2
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+_CONTROLLER_TABLES = ("volumes", "snapshots", "group_snapshots")
+_NODE_TABLES = ("stagings", "publications")
 
 
 class Status(StrEnum):
@@ -127,8 +145,9 @@ class State:
     publications: dict[str, PublishRecord] = field(default_factory=dict)
     group_snapshots: dict[str, GroupSnapshotRecord] = field(default_factory=dict)
 
-    def to_json(self) -> dict[str, Any]:
-        return {"version": FORMAT_VERSION, **asdict(self)}
+    def to_json(self, tables: Sequence[str]) -> dict[str, Any]:
+        records = asdict(self)
+        return {"version": FORMAT_VERSION, **{table: records[table] for table in tables}}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> State:
@@ -172,14 +191,24 @@ class StateFileError(SetupError):
     """The state file cannot be read: the message names it, the problem and the way out."""
 
     def __init__(self, path: Path, problem: str) -> None:
-        previous = path.with_name(path.name + PREVIOUS_SUFFIX)
-        kept = "it exists" if previous.exists() else "it is missing"
+        if path.name == STATE_FILE:
+            previous = path.with_name(path.name + PREVIOUS_SUFFIX)
+            kept = "it exists" if previous.exists() else "it is missing"
+            way_out = (
+                f"compare it with {previous} (the state before the last change; {kept}), "
+                f"copy the right one to {path} or repair it, then restart the daemon. "
+                f"Removing {path} would make the driver forget every volume (their data "
+                "stays in the pool)."
+            )
+        else:
+            way_out = (
+                "repair it, or remove it and restart the daemon: the driver then unmounts "
+                "the volumes it finds staged or published (the pods using them lose them "
+                "until they are started again)."
+            )
         super().__init__(
             f"CSI state file {path} {problem}. The CSI driver is not serving; device plugins "
-            f"are. To recover, compare it with {previous} (the state before the last change; "
-            f"{kept}), copy the right one to {path} or repair it, then restart the daemon. "
-            f"Removing {path} would make the driver forget every volume (their data stays "
-            "in the pool)."
+            f"are. To recover, {way_out}"
         )
 
 
@@ -199,7 +228,7 @@ def _parse(path: Path, text: str) -> State:
             f"was written by a newer nodeplug (format version {version}; this one reads "
             f"{FORMAT_VERSION}): run that version again",
         )
-    if version != FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise StateFileError(path, f"has an unknown format version {version!r}")
     try:
         return State.from_json(data)
@@ -207,19 +236,29 @@ def _parse(path: Path, text: str) -> State:
         raise StateFileError(path, f"holds a record this version cannot read: {error}") from None
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
+def _write_atomically(path: Path, data: bytes, durable: bool = True) -> None:
+    """Replace path with data: a crash leaves the old or the new file.
+
+    durable: fsync the data before the rename (else a power cut may leave the new
+    name holding no data) and the directory after (else it may bring the old file
+    back), and keep the replaced file as .prev.
+    """
     descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(descriptor, "wb") as file:
             file.write(data)
             file.flush()
-            os.fsync(file.fileno())
-        _keep_previous(path)
+            if durable:
+                os.fsync(file.fileno())
+        if durable:
+            _keep_previous(path)
         Path(temporary).replace(path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             Path(temporary).unlink()
         raise
+    if not durable:
+        return
     directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(directory)
@@ -239,44 +278,75 @@ def _keep_previous(path: Path) -> None:
     linked.replace(previous)
 
 
+def _read(path: Path) -> State | None:
+    """The state in one file; None if there is no such file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except UnicodeDecodeError:
+        raise StateFileError(path, "is not UTF-8 text") from None
+    except OSError as error:
+        raise StateFileError(path, f"cannot be read: {error.strerror}") from None
+    return _parse(path, text)
+
+
+def boot_id() -> str:
+    return BOOT_ID.read_text(encoding="ascii").strip()
+
+
 class StateStore:
     """The in-memory State, and `save()` that persists it (serialized, off the loop)."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, boot: str | None = None) -> None:
         self.path = directory / STATE_FILE
+        self.node_path = directory / NODE_STATE_FILE.format(boot=boot or boot_id())
         self.state = State()
         self._write_lock = asyncio.Lock()
         # Group commit: each save() call bumps `_changes`; a write covers every change
         # counted before it serialized, so callers queued behind it need no write of their own.
         self._changes = 0
         self._saved = 0
+        # What each file holds now: a save writes only the files whose content changed.
+        self._written: dict[Path, bytes] = {}
 
     def load(self) -> State:
-        """Read the state file (none yet: an empty state); StateFileError if it is unusable."""
+        """Read the state files (none yet: an empty state); StateFileError if one is unusable."""
         private_directory(self.path.parent)
-        try:
-            text = self.path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            self.state = State()
-            return self.state
-        except UnicodeDecodeError:
-            raise StateFileError(self.path, "is not UTF-8 text") from None
-        except OSError as error:
-            raise StateFileError(self.path, f"cannot be read: {error.strerror}") from None
-        self.state = _parse(self.path, text)
+        self.state = _read(self.path) or State()
+        node = _read(self.node_path)
+        if node is not None:
+            self.state.stagings, self.state.publications = node.stagings, node.publications
+        for stale in self.path.parent.glob(NODE_STATE_FILE.format(boot="*")):
+            if stale != self.node_path:
+                # Another boot's mounts and loop devices: gone with it.
+                stale.unlink(missing_ok=True)
+        self._written = {}
         return self.state
 
-    async def save(self) -> None:
-        """Persist every change made before this call (durably, when it returns)."""
+    async def save(self, durable: bool = True) -> None:
+        """Persist every change made before this call, when it returns.
+
+        durable=False: changes to volumes and snapshots may wait for the next durable
+        save (the caller's work is done and a crash before then is finished by the
+        reconciler: a deletion recorded as DELETING); node changes are written anyway.
+        """
         self._changes += 1
         mine = self._changes
         async with self._write_lock:
             if self._saved >= mine:
                 return  # a write that serialized after our change already holds it
             covered = self._changes
-            data = json.dumps(self.state.to_json(), indent=1, sort_keys=True).encode()
-            await asyncio.to_thread(_write_atomically, self.path, data)
-            self._saved = covered
+            files: list[tuple[Path, Sequence[str], bool]] = [(self.node_path, _NODE_TABLES, False)]
+            if durable:
+                files.append((self.path, _CONTROLLER_TABLES, True))
+            for path, tables, lasting in files:
+                data = json.dumps(self.state.to_json(tables), indent=1, sort_keys=True).encode()
+                if self._written.get(path) != data:
+                    await asyncio.to_thread(_write_atomically, path, data, lasting)
+                    self._written[path] = data
+            if durable:
+                self._saved = covered
 
 
 async def create_recorded(
@@ -317,4 +387,5 @@ async def delete_recorded(
     await work()
     for table, key, _ in entries:
         del table[key]
-    await store.save()
+    # Not durable: if this is lost, the reconciler finishes the DELETING records.
+    await store.save(durable=False)

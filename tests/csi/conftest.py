@@ -107,6 +107,7 @@ async def serving(root: Path, pool: Path, state: Path | None = None) -> AsyncIte
             )
     finally:
         await server.stop(None)
+        await driver.stop()
         socket.unlink(missing_ok=True)
 
 

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import pytest
 
 from csi.controller import volume_key
+from csi.operations import Operations
+from csi.state import State, VolumeRecord
 from csi.v1 import csi_pb2
 from tests.csi.conftest import (
     NODE,
@@ -21,6 +23,8 @@ from tests.csi.conftest import (
     mount_capability,
 )
 from tests.csi.test_lifecycle import publish_request, stage_request
+
+T = TypeVar("T")
 
 pytestmark = pytest.mark.root
 
@@ -539,6 +543,54 @@ async def test_aborted_while_the_same_volume_or_name_is_busy(csi: Client) -> Non
         free = csi_pb2.ControllerExpandVolumeRequest(volume_id=other.volume_id, capacity_range=grow)
         await csi.controller.ControllerExpandVolume(free)
         await created(csi, "pvc-another")
+
+
+async def test_a_create_that_has_not_run_yet_is_found_by_the_next_call(
+    csi: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A create's task records its volume only once it runs: a second call with the same
+    name that comes in between must wait for it, not start a second volume."""
+    release = asyncio.Event()
+    lookups = 0
+    second_looked = asyncio.Event()
+    started = asyncio.Event()
+    real_start = Operations.start
+    real_lookup = State.volume_by_name
+
+    def start_held(
+        operations: Operations, key: str, subject: object, work: Coroutine[Any, Any, T]
+    ) -> asyncio.Task[T]:
+        async def held() -> T:
+            await release.wait()
+            return await work
+
+        started.set()
+        return real_start(operations, key, subject, held())
+
+    def counted_lookup(state: State, name: str) -> VolumeRecord | None:
+        nonlocal lookups
+        lookups += 1
+        if lookups == 2:
+            second_looked.set()
+        return real_lookup(state, name)
+
+    monkeypatch.setattr(Operations, "start", start_held)
+    monkeypatch.setattr(State, "volume_by_name", counted_lookup)
+
+    async def create() -> csi_pb2.CreateVolumeResponse:
+        return await csi.controller.CreateVolume(create_request("pvc-held"))
+
+    # The second call comes once the first has started its operation and let go of
+    # the name's lock: before that, the lock answers it ABORTED (another test's case).
+    calls = [asyncio.create_task(create())]
+    await started.wait()
+    calls.append(asyncio.create_task(create()))
+    await second_looked.wait()
+    release.set()
+    first, second = await asyncio.gather(*calls)
+    assert first.volume.volume_id == second.volume.volume_id
+    listed = await csi.controller.ListVolumes(csi_pb2.ListVolumesRequest())
+    assert len(listed.entries) == 1
 
 
 async def test_concurrent_creates_of_one_name_make_one_volume(csi: Client) -> None:

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from csi import mounts
+from csi.identity import probed
 from csi.v1 import csi_pb2, csi_pb2_grpc
 from daemon import config as configuration
 from daemon.supervisor import Daemon
@@ -110,19 +111,6 @@ async def daemon_process(root: Path, pool: Path) -> AsyncIterator[asyncio.subpro
             await process.wait()
 
 
-async def probed(socket: Path) -> None:
-    """Wait until a fresh server answers Probe (a killed daemon leaves its socket file)."""
-    async with asyncio.timeout(30):
-        while True:
-            with contextlib.suppress(grpc.aio.AioRpcError):
-                async with grpc.aio.insecure_channel(f"unix:{socket}") as channel:
-                    await csi_pb2_grpc.IdentityStub(channel).Probe(
-                        csi_pb2.ProbeRequest(), timeout=1
-                    )
-                    return
-            await asyncio.sleep(0.05)
-
-
 async def workload(channel: grpc.aio.Channel, kubelet: Path) -> None:
     """Create, stage and publish a filesystem and a block volume, snapshot each, then both."""
     controller = csi_pb2_grpc.ControllerStub(channel)
@@ -161,6 +149,9 @@ async def workload(channel: grpc.aio.Channel, kubelet: Path) -> None:
 async def check_consistent(root: Path, pool: Path) -> None:
     """State, subvolumes, mounts and loop devices agree, with nothing pending."""
     state = json.loads((root / "state" / "csi-state.json").read_text())
+    # Stagings and publications live in this boot's node file.
+    (node_file,) = (root / "state").glob("csi-node-state.*.json")
+    state.update(json.loads(node_file.read_text()))
     volumes, stagings, publications = state["volumes"], state["stagings"], state["publications"]
     for kind in ("volumes", "snapshots", "stagings", "publications", "group_snapshots"):
         assert all(r["status"] == "ready" for r in state.get(kind, {}).values()), kind
@@ -170,7 +161,12 @@ async def check_consistent(root: Path, pool: Path) -> None:
     assert on_disk == set(volumes), "no leaked subvolumes and no phantom volume records"
     assert {p.name for p in (pool / "snapshots").iterdir()} == set(state["snapshots"])
     table = await mounts.mounts()
-    volume_mounts = {m.mount_point for m in table if m.root.startswith("/volumes/")}
+    # This test's own mounts only: other tests on the machine have pools too.
+    volume_mounts = {
+        m.mount_point
+        for m in table
+        if m.root.startswith("/volumes/") and Path(m.mount_point).is_relative_to(root)
+    }
     fs_paths = {
         path
         for path, record in {**stagings, **publications}.items()

@@ -193,6 +193,51 @@ async def test_a_member_written_during_the_cut_is_never_reported_consistent(
     assert not csi.driver.store.state.group_snapshots
 
 
+async def cut_with_a_write(
+    csi: Client, monkeypatch: pytest.MonkeyPatch, after_snapshot: int
+) -> tuple[grpc.StatusCode, Path]:
+    """Cut a group of two while a write, fsync'd but not committed, goes to the first
+    member right after the snapshot of member `after_snapshot`; the code, the member."""
+    sources = await volumes(csi, 2)
+    first = csi.driver.pool.volume_path(sources[0])
+    taken: list[Path] = []
+    real_snapshot = Pool.snapshot
+
+    async def snapshot_then_write(pool: Pool, source: Path, target: Path, readonly: bool) -> None:
+        await real_snapshot(pool, source, target, readonly)
+        if len(taken) % len(sources) == after_snapshot:
+            write_synced(first / "after", os.urandom(4096))
+        taken.append(source)
+
+    monkeypatch.setattr(Pool, "snapshot", snapshot_then_write)
+    monkeypatch.setattr(groupcontroller, "CUT_RETRY_DELAY", 0.0)
+    request = group_request("g", sources)
+    return await code_of(csi.group_controller.CreateVolumeGroupSnapshot(request)), first
+
+
+async def test_a_write_fsynced_between_two_snapshots_fails_the_cut(
+    csi: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It sits in btrfs' log tree, which a crash would replay, but the next member's
+    snapshot commits it and so moves the first member's generation."""
+    code, _ = await cut_with_a_write(csi, monkeypatch, after_snapshot=0)
+    assert code == Code.ABORTED
+    assert not list(csi.driver.pool.snapshots.iterdir()), "every failed cut is removed"
+
+
+async def test_a_write_fsynced_after_the_last_snapshot_is_after_the_cut(
+    csi: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cut is the state at the last snapshot's commit; the write came after it and
+    is in no member's snapshot, as a crash at that instant would not have it."""
+    code, first = await cut_with_a_write(csi, monkeypatch, after_snapshot=1)
+    assert code == Code.OK
+    (group,) = csi.driver.store.state.group_snapshots.values()
+    snapshot = csi.driver.pool.snapshot_path(group.snapshot_ids[0])
+    assert (first / "after").exists()
+    assert not (snapshot / "after").exists()
+
+
 async def test_every_group_cut_under_a_writer_is_write_order_consistent(csi: Client) -> None:
     """A writer updates A then B, each durably, over and over: in any crash-consistent
     cut B's counter is never ahead of A's, and A's at most one ahead of B's."""

@@ -19,7 +19,7 @@ import pytest
 
 from csi import mounts, safepath
 from csi.v1 import csi_pb2
-from tests.csi.conftest import Client, block_capability, create_request, mount_capability
+from tests.csi.conftest import Client, block_capability, create_request, mount_capability, sh
 from tests.csi.test_conformance import code_of
 from tests.csi.test_lifecycle import stage_request
 
@@ -218,6 +218,41 @@ def test_paths_are_opened_beneath_their_root_only(short_tmp: Path, outside: Path
     safepath.remove(root, root / "link")  # the symlink goes, never what it names
     assert (outside / "secret").exists()
     assert sorted(p.name for p in outside.iterdir()) == ["secret"]
+
+
+async def test_unmount_takes_every_stacked_mount_and_nothing_else(short_tmp: Path) -> None:
+    root = short_tmp / "root"
+    root.mkdir()
+    source = short_tmp / "source"
+    source.mkdir()
+    target = root / "target"
+    try:
+        for _ in range(3):
+            with safepath.cloned(source) as tree:
+                safepath.attach(tree, root, target, (0, 0), file=False)
+        assert len([m for m in await mounts.mounts() if m.mount_point == str(target)]) == 3
+        assert safepath.unmount(root, target) == 3
+        assert await mounts.mounted_at(target) is None
+        assert safepath.unmount(root, target) == 0, "nothing mounted: nothing to do"
+        # A path whose directory is gone has nothing mounted: not an error.
+        await mounts.unmount(root, root / "gone" / "target")
+    finally:
+        while await mounts.mounted_at(target) is not None:
+            sh("umount", str(target))
+
+
+async def test_unmount_never_follows_a_symlink_to_a_mount(short_tmp: Path, outside: Path) -> None:
+    root = short_tmp / "root"
+    root.mkdir()
+    elsewhere = outside / "mounted"
+    try:
+        with safepath.cloned(short_tmp) as tree:
+            safepath.attach(tree, outside, elsewhere, (0, 0), file=False)
+        (root / "link").symlink_to(outside)
+        await mounts.unmount(root, root / "link" / "mounted")
+        assert await mounts.mounted_at(elsewhere) is not None
+    finally:
+        sh("umount", "-l", str(elsewhere))
 
 
 def test_created_paths_get_their_modes(short_tmp: Path) -> None:

@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import stat
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
-from csi.state import StateFileError, StateStore, Status, VolumeRecord
+from csi import state as state_module
+from csi.state import (
+    StageRecord,
+    StateFileError,
+    StateStore,
+    Status,
+    VolumeRecord,
+    create_recorded,
+    delete_recorded,
+)
 from daemon import config as configuration
 from deviceplugin.testkit import FakeKubelet
 from tests.csi.test_daemon import csi_socket, daemon_config, registration_socket
@@ -24,6 +35,121 @@ def record(index: int) -> VolumeRecord:
     return VolumeRecord(f"v{index:032x}", f"pvc-{index}", MiB, False, {}, "", 1.0, Status.READY)
 
 
+def staging(index: int) -> StageRecord:
+    return StageRecord(f"v{index:032x}", f"/kubelet/staging/{index}", "cap", status=Status.READY)
+
+
+@pytest.fixture
+def fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Every fsync the state store makes (file descriptors), counted."""
+    made: list[int] = []
+    real_fsync = os.fsync
+
+    def counting_fsync(descriptor: int) -> None:
+        made.append(descriptor)
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", counting_fsync)
+    return made
+
+
+async def nothing() -> None:
+    return None
+
+
+async def test_node_records_cost_no_fsync_and_volume_records_are_durable(
+    short_tmp: Path, fsyncs: list[int]
+) -> None:
+    store = StateStore(short_tmp / "state")
+    store.load()
+    store.state.volumes["a"] = record(1)
+    await store.save()
+    assert len(fsyncs) == 2, "the file before its rename, the directory after"
+    volumes_file = store.path.read_bytes()
+
+    fsyncs.clear()
+    stage = staging(1)
+    await create_recorded(store, [(store.state.stagings, stage.path, stage)], nothing, nothing)
+    await delete_recorded(store, [(store.state.stagings, stage.path, stage)], nothing)
+    assert fsyncs == [], "stage and unstage: no fsync"
+    assert store.path.read_bytes() == volumes_file, "the volumes' file is not rewritten"
+    assert json.loads(store.node_path.read_text())["stagings"] == {}
+
+
+async def test_a_deletion_is_durable_before_its_work_and_finished_after_a_crash(
+    short_tmp: Path, fsyncs: list[int]
+) -> None:
+    store = StateStore(short_tmp / "state")
+    store.load()
+    volume = record(1)
+    store.state.volumes[volume.id] = volume
+    await store.save()
+    fsyncs.clear()
+    on_disk_during_work: list[str] = []
+
+    async def work() -> None:
+        on_disk_during_work.append(
+            json.loads(store.path.read_text())["volumes"][volume.id]["status"]
+        )
+
+    await delete_recorded(store, [(store.state.volumes, volume.id, volume)], work)
+    assert on_disk_during_work == ["deleting"]
+    assert len(fsyncs) == 2, "one durable write: the DELETING record"
+    # A crash now finds the record DELETING, which the reconciler finishes.
+    found = StateStore(short_tmp / "state").load()
+    assert found.volumes[volume.id].status is Status.DELETING
+    # The next durable save carries the removal.
+    store.state.volumes["b"] = record(2)
+    await store.save()
+    assert set(StateStore(short_tmp / "state").load().volumes) == {"b"}
+
+
+async def test_node_records_of_another_boot_are_dropped(short_tmp: Path) -> None:
+    before = StateStore(short_tmp / "state", boot="before-the-reboot")
+    before.load()
+    before.state.volumes["a"] = record(1)
+    before.state.stagings["/kubelet/staging/1"] = staging(1)
+    await before.save()
+    after = StateStore(short_tmp / "state", boot="after-the-reboot")
+    state = after.load()
+    assert set(state.volumes) == {"a"}
+    assert state.stagings == {}, "their mounts went with that boot"
+    assert not before.node_path.exists()
+
+
+async def test_a_version_1_file_hands_its_stagings_over_to_the_node_file(short_tmp: Path) -> None:
+    directory = short_tmp / "state"
+    directory.mkdir(mode=0o700)
+    stage = staging(1)
+    old = {
+        "version": 1,
+        "volumes": {"a": asdict(record(1))},
+        "stagings": {stage.path: asdict(stage)},
+    }
+    (directory / "csi-state.json").write_text(json.dumps(old))
+    store = StateStore(directory)
+    state = store.load()
+    assert state.stagings == {stage.path: stage}
+    await store.save()
+    written = json.loads(store.path.read_text())
+    assert written["version"] == state_module.FORMAT_VERSION
+    assert "stagings" not in written
+    assert stage.path in json.loads(store.node_path.read_text())["stagings"]
+    assert StateStore(directory).load() == state
+
+
+def test_a_damaged_node_file_is_named_with_its_own_way_out(short_tmp: Path) -> None:
+    store = StateStore(short_tmp / "state")
+    store.path.parent.mkdir(mode=0o700)
+    store.node_path.write_bytes(b'{"version": 2, "stagings": {"')
+    with pytest.raises(StateFileError) as error:
+        store.load()
+    message = str(error.value)
+    assert str(store.node_path) in message
+    assert "not valid JSON" in message
+    assert "remove it and restart the daemon" in message
+
+
 @pytest.mark.parametrize(
     ("content", "problem"),
     [
@@ -31,7 +157,7 @@ def record(index: int) -> VolumeRecord:
         (b"  \n", "is empty"),
         (b'{"version": 1, "volumes": {"v', "is not valid JSON (truncated?)"),
         (b"[]", "does not hold a JSON object"),
-        (b'{"version": 2}', "written by a newer nodeplug (format version 2"),
+        (b'{"version": 3}', "written by a newer nodeplug (format version 3"),
         (b'{"version": "1"}', "unknown format version '1'"),
         (b"{}", "unknown format version None"),
         (b'{"version": 1, "volumes": {"v1": {"id": "v1"}}}', "holds a record"),
@@ -67,10 +193,9 @@ async def test_each_write_keeps_the_state_before_it(short_tmp: Path) -> None:
     await store.save()
     assert previous.read_text() == first
     assert stat.S_IMODE(previous.stat().st_mode) == 0o600
-    assert sorted(p.name for p in store.path.parent.iterdir()) == [
-        "csi-state.json",
-        "csi-state.json.prev",
-    ]
+    assert sorted(p.name for p in store.path.parent.iterdir()) == sorted(
+        ["csi-state.json", "csi-state.json.prev", store.node_path.name]
+    )
     # Recovery as the message describes it: the previous state loads.
     store.path.write_bytes(b"")
     previous.replace(store.path)

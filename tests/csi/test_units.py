@@ -55,7 +55,9 @@ async def test_state_survives_a_round_trip_and_writes_atomically(short_tmp: Path
     record = VolumeRecord("v" + "1" * 32, "pvc é", MiB, False, {}, "", 1.5, Status.READY)
     store.state.volumes[record.id] = record
     await store.save()
-    assert [p.name for p in (short_tmp / "state").iterdir()] == ["csi-state.json"]
+    assert sorted(p.name for p in (short_tmp / "state").iterdir()) == sorted(
+        ["csi-state.json", store.node_path.name]
+    )
     assert StateStore(short_tmp / "state").load() == store.state
     data = json.loads(store.path.read_text())
     data["version"] = 99
@@ -73,9 +75,10 @@ async def test_concurrent_saves_share_writes_and_each_returns_durable(
     writes: list[bytes] = []
     real_write = state_module._write_atomically
 
-    def counting_write(path: Path, data: bytes) -> None:
-        writes.append(data)
-        real_write(path, data)
+    def counting_write(path: Path, data: bytes, durable: bool = True) -> None:
+        if path == store.path:
+            writes.append(data)
+        real_write(path, data, durable)
 
     monkeypatch.setattr(state_module, "_write_atomically", counting_write)
 

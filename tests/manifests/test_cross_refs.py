@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 
 from credprovider.__main__ import _options
-from csi.pool import QGROUP_CLEANUP_TIMEOUT
 from daemon import config as daemon_config
 from daemon.cli import DEFAULT_CONFIG
 from daemon.csiplugin import CSI_PLUGIN_SUBDIR
@@ -32,6 +31,8 @@ DEPENDED_ON += ["nodeFeatures.file"]
 DEPENDED_ON += ["csi.driverName", "csi.pool.path", "csi.pool.image"]
 # Seconds for Python to unwind the task group and exit once the servers have stopped.
 EXIT_HEADROOM = 5
+# mkfs of a large block volume on a loaded node, with room to spare.
+SLOWEST_CALL_SECONDS = 30
 
 
 def dig(document: dict[str, Any], dotted: str) -> Any:
@@ -218,9 +219,10 @@ def go_duration(value: str) -> float:
 
 @pytest.mark.parametrize("sidecar", SIDECARS)
 def test_sidecar_timeouts_leave_room_for_the_slowest_call(sidecar: str) -> None:
-    # Measured p99s are a few seconds at most (README "CSI driver"); a DeleteVolume may
-    # also wait QGROUP_CLEANUP_TIMEOUT for btrfs to release a deleted subvolume's qgroup.
-    assert go_duration(sidecar_flags()[sidecar]["--timeout"]) >= 2 * QGROUP_CLEANUP_TIMEOUT
+    # Measured p99s are a few seconds at most (README "CSI driver"), but a create that
+    # times out is retried by the sidecar and finds the first one still running: a
+    # timeout shorter than a slow mkfs on a loaded node only adds retries.
+    assert go_duration(sidecar_flags()[sidecar]["--timeout"]) >= SLOWEST_CALL_SECONDS
 
 
 def test_the_provisioner_can_find_its_capacity_owner() -> None:
