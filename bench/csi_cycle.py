@@ -36,6 +36,7 @@ from pathlib import Path
 
 import grpc
 
+import configkit
 from csi.config import CsiConfig
 from csi.driver import CsiDriver
 from csi.errors import CommandError
@@ -258,8 +259,9 @@ async def bench(root: Path, cycles: int, clients: int) -> None:
     await run("mkfs.btrfs", "-q", str(image))
     await run("mount", "-o", "loop", str(image), str(pool))
     try:
-        config = CsiConfig.model_validate(
-            {"driverName": "bench.nodeplug.io", "pool": {"path": str(pool)}}
+        config = configkit.convert(
+            {"driverName": "bench.nodeplug.io", "pool": {"path": str(pool)}},
+            CsiConfig,
         )
         driver = CsiDriver(config, kubelet, root / "state")
         await driver.start()

@@ -8,6 +8,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+import configkit
 from daemon.config import Config
 from deviceplugin.backend import Backend, Device
 from deviceplugin.cdi import spec_file_name
@@ -60,9 +61,10 @@ def describe(config: Config) -> list[str]:
         lines.append(
             f"    socket            {config.kubelet_dir / 'plugins' / csi.driver_name / 'csi.sock'}"
         )
-        lines.append(
-            f"    pool              {csi.pool.model_dump(by_alias=True, exclude_none=True)}"
-        )
+        pool = {
+            key: value for key, value in configkit.dumped(csi.pool).items() if value is not None
+        }
+        lines.append(f"    pool              {pool}")
     return lines
 
 

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import configkit
 from daemon import config as configuration
 from daemon.config import Registration
 from daemon.sandbox.core import Demo, Sandbox
@@ -40,7 +41,7 @@ class DevicePlugins(Demo):
 
     def configure(self, sandbox: Sandbox, data: dict[str, Any]) -> dict[str, Any]:
         if sandbox.user_config is not None:
-            mine = configuration.load(sandbox.user_config).model_dump(by_alias=True, mode="json")
+            mine = configkit.dumped(configuration.load(sandbox.user_config))
             self.origin = f"your config {sandbox.user_config}"
             # Its pool is a real path on this machine: the CSI demo uses a pool of its own.
             if mine.pop("csi", None) is not None:

@@ -12,6 +12,7 @@ from typing import TypeAlias
 import grpc
 import pytest
 
+import configkit
 from csi import mounts
 from csi.config import CsiConfig
 from csi.driver import CsiDriver
@@ -69,8 +70,9 @@ def btrfs_pool(short_tmp: Path) -> Iterator[Path]:
 
 
 def csi_config(pool: Path, **pool_extra: object) -> CsiConfig:
-    return CsiConfig.model_validate(
-        {"driverName": DRIVER, "nodeId": NODE, "pool": {"path": str(pool), **pool_extra}}
+    return configkit.convert(
+        {"driverName": DRIVER, "nodeId": NODE, "pool": {"path": str(pool), **pool_extra}},
+        CsiConfig,
     )
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import configkit
 from csi import files
 from csi.config import CsiConfig
 from csi.driver import CsiDriver
@@ -54,11 +55,12 @@ def read_as_nobody(paths: list[Path]) -> dict[str, str]:
 
 
 def image_config(root: Path, size: str = "256Mi") -> CsiConfig:
-    return CsiConfig.model_validate(
+    return configkit.convert(
         {
             "driverName": DRIVER,
             "pool": {"path": str(root / "pool"), "image": str(root / "pool.img"), "size": size},
-        }
+        },
+        CsiConfig,
     )
 
 

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import configkit
 from csi import capacity, validation
 from csi import state as state_module
 from csi.config import CsiConfig, parse_quantity
@@ -25,7 +26,7 @@ MiB = 1024**2
 
 @pytest.mark.root
 async def test_pool_image_is_created_and_loop_mounted(short_tmp: Path) -> None:
-    config = CsiConfig.model_validate(
+    config = configkit.convert(
         {
             "driverName": DRIVER,
             "pool": {
@@ -33,7 +34,8 @@ async def test_pool_image_is_created_and_loop_mounted(short_tmp: Path) -> None:
                 "image": str(short_tmp / "pool.img"),
                 "size": "256Mi",
             },
-        }
+        },
+        CsiConfig,
     )
     try:
         driver = CsiDriver(config, short_tmp / "kubelet", short_tmp / "state")

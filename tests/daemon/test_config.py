@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import configkit
 from daemon import config as configuration
 from deviceplugin.allocation import Policy
 
@@ -293,7 +294,7 @@ def test_confined_to_puts_every_host_path_under_one_root(tmp_path: Path) -> None
     """Sandbox and tests must never touch the real kubelet: any path setting added
     later that confined_to() forgets fails here."""
     config = configuration.parse(configuration.confined_to({}, tmp_path))
-    paths = host_paths(config.model_dump(by_alias=True, mode="json"))
+    paths = host_paths(configkit.dumped(config))
     assert {"kubeletDir", "devicePluginDir", "stateDir", "cdi.dir", "nodeFeatures.file"} <= set(
         paths
     )

@@ -1,0 +1,248 @@
+"""Config sections as msgspec Structs, and problems that name their field.
+
+msgspec does the typing (strict types, unknown keys refused, camelCase keys, ranges,
+lengths, enums) at ~0.5 MiB of RSS, where pydantic with our models cost ~9 MiB of a
+daemon that stays resident on every node. What a type cannot say is checked by field
+types of our own (`Checked` strings, `from_config` classes) and by `__post_init__`.
+msgspec stops at the first problem; `problem()` words it as the rest of nodeplug does:
+`devicePlugins[0].replicas: Input should be a valid integer, not a string`.
+
+The daemon, the CSI driver and the device-plugin backends all use it, and know nothing
+of each other: this package imports nothing of theirs.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+
+T = TypeVar("T")
+
+
+class Section(
+    msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True, rename="camel"
+):
+    """A mapping of a config: unknown keys refused, camelCase keys.
+
+    Subclasses say `frozen=True` too (read-only once made): type checkers do not see it
+    inherited.
+    """
+
+
+class Checked(str):
+    """A string field with a check of its own, run while the config is converted."""
+
+    @classmethod
+    def check(cls, value: str) -> str:
+        """The value to keep; a ValueError says what is wrong with it."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_config(cls, value: object) -> Checked:
+        if not isinstance(value, str):
+            raise TypeError(f"Input should be a valid string, not {_NOUNS.get(_kind(value))}")
+        return cls(cls.check(value))
+
+
+def absolute_path(value: object) -> Path:
+    """Every path in a config is absolute: relative ones would depend on the working directory."""
+    if not isinstance(value, str):
+        raise TypeError(f"Input should be a valid path, not {_NOUNS.get(_kind(value))}")
+    if not value.startswith("/"):
+        raise ValueError(f"must be an absolute path, not {value!r}")
+    if "\0" in value:
+        raise ValueError("must not contain NUL bytes")
+    return Path(value)
+
+
+def _decoded(kind: type, value: object) -> object:
+    """msgspec's hook for field types it does not know: paths and our own."""
+    if kind is Path:
+        return absolute_path(value)
+    from_config = getattr(kind, "from_config", None)
+    if from_config is None:
+        raise TypeError(f"{kind.__name__} is not a config field type")
+    return from_config(value)
+
+
+def convert(data: object, kind: type[T]) -> T:
+    """Parsed YAML as a `kind`; a msgspec.ValidationError locates the first problem."""
+    return msgspec.convert(data, kind, dec_hook=_decoded)
+
+
+def dumped(section: msgspec.Struct) -> Any:
+    """The section as plain data with its config keys, as YAML or JSON would hold it."""
+    return msgspec.to_builtins(section, enc_hook=str)
+
+
+def field_problem(field: str, message: str) -> ValueError:
+    """An error about one field, raised from `__post_init__`: reported at that field.
+
+    Other errors from `__post_init__` are about the section as a whole and are
+    reported at the section (`devicePlugins[0]: draDriverName: only used with ...`).
+    """
+    return ValueError(f"{_FIELD}{field}: {message}")
+
+
+def problem(error: msgspec.ValidationError, root: type | None = None, at: str = "") -> str:
+    """The error as `field.path: message`; `root` (the converted type) names allowed values.
+
+    `at` is where the converted data sits in a larger document (a backend's config).
+    """
+    message, path = _split(str(error))
+    if message.startswith(_FIELD):
+        field, _, message = message[len(_FIELD) :].partition(": ")
+        path = _joined(path, field)
+    elif match := _MISSING_OR_UNKNOWN.fullmatch(message):
+        path = _joined(path, match["field"])
+        message = _MISSING if match["what"] == "missing required" else _UNKNOWN
+    else:
+        message = _reworded(message, root, path)
+    where = _joined(at, path)
+    if not where:
+        # A check of the whole document names its fields in its message.
+        return message if ": " in message else f"(top level): {message}"
+    return f"{where}: {message}"
+
+
+_FIELD = "\x00field "  # marks field_problem()'s messages; never in a YAML key
+_MISSING = "required field is missing"
+_UNKNOWN = "unknown field (check its spelling and indentation)"
+_MISSING_OR_UNKNOWN = re.compile(
+    r"Object (?P<what>missing required|contains unknown) field `(?P<field>.*)`"
+)
+_LOCATION = re.compile(r"(?P<message>.*?)(?: - at (?:`key` in )?`\$(?P<path>[^`]*)`)?", re.DOTALL)
+_NOUNS = {
+    "int": "an integer",
+    "float": "a number",
+    "str": "a string",
+    "bool": "a boolean",
+    "array": "a list",
+    "object": "a mapping",
+    "null": "null",
+}
+_EXPECTED = {
+    "int": "a valid integer",
+    "float": "a valid number",
+    "str": "a valid string",
+    "bool": "a valid boolean",
+    "array": "a valid list",
+    "object": "a valid mapping",
+    "null": "null",
+}
+_COMPARISONS = {
+    ">=": "greater than or equal to",
+    ">": "greater than",
+    "<=": "less than or equal to",
+    "<": "less than",
+}
+_LENGTH_NOUNS = {
+    "array": ("List", "item"),
+    "object": ("Mapping", "item"),
+    "str": ("String", "character"),
+}
+
+
+def _wrong_type(found: re.Match[str]) -> str:
+    wanted = _either([_EXPECTED.get(w, w) for w in found["want"].split(" | ")])
+    return f"Input should be {wanted}, not {_NOUNS.get(found['got'], found['got'])}"
+
+
+def _out_of_range(found: re.Match[str]) -> str:
+    return f"Input should be {_COMPARISONS[found['op']]} {found['limit']}"
+
+
+def _wrong_length(found: re.Match[str]) -> str:
+    noun, unit = _LENGTH_NOUNS[found["kind"]]
+    bound = "at least" if found["op"] == ">=" else "at most"
+    return f"{noun} should have {bound} {found['n']} {unit}{'' if found['n'] == '1' else 's'}"
+
+
+# msgspec's wordings (of the version pinned in .ci/constraints.txt; tests/test_configkit.py
+# has a case of each) and ours, as the rest of nodeplug words its messages.
+_REWORDINGS: list[tuple[re.Pattern[str], Callable[[re.Match[str]], str]]] = [
+    (re.compile(r"Expected `(?P<want>[^`]+)`, got `(?P<got>\w+)`"), _wrong_type),
+    (re.compile(r"Expected `(?:int|float)` (?P<op>[<>]=?) (?P<limit>\S+)"), _out_of_range),
+    (
+        re.compile(r"Expected `(?P<kind>array|object|str)` of length (?P<op>[<>]=) (?P<n>\d+)"),
+        _wrong_length,
+    ),
+    (
+        re.compile(r"Expected `str` matching regex (?P<regex>.*)"),
+        lambda found: f"String should match the pattern {found['regex']}",
+    ),
+    (re.compile(r"Expected `str`"), lambda _: "keys must be strings"),  # a mapping's key
+]
+_BAD_ENUM = re.compile(r"Invalid enum value (?P<value>.*)")
+
+
+def _kind(value: object) -> str:
+    kinds = {bool: "bool", int: "int", float: "float", str: "str", type(None): "null"}
+    if type(value) in kinds:
+        return kinds[type(value)]
+    return "object" if isinstance(value, dict) else "array"
+
+
+def _split(text: str) -> tuple[str, str]:
+    match = _LOCATION.fullmatch(text)
+    assert match is not None  # every text matches: the location is optional
+    return match["message"], (match["path"] or "").removeprefix(".")
+
+
+def _joined(path: str, field: str) -> str:
+    if not path or field.startswith("["):
+        return f"{path}{field}"
+    return f"{path}.{field}" if field else path
+
+
+def _either(words: list[str]) -> str:
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
+
+
+def _reworded(message: str, root: type | None, path: str) -> str:
+    if match := _BAD_ENUM.fullmatch(message):
+        allowed = _allowed_values(root, path) if root is not None else []
+        if not allowed:
+            return f"{match['value']} is not one of the allowed values"
+        return f"Input should be {_either([repr(a) for a in allowed])}, not {match['value']}"
+    for pattern, reword in _REWORDINGS:
+        if found := pattern.fullmatch(message):
+            return reword(found)
+    return message
+
+
+def _allowed_values(root: type, path: str) -> list[object]:
+    """The values an enum or literal field at `path` (from msgspec) takes, if it is one."""
+    import msgspec.inspect as types  # noqa: PLC0415 - only when a config is refused
+
+    candidates = _alternatives(types.type_info(root))
+    for name, index in re.findall(r"\.?([^.\[]+)|\[(\d+)\]", path):
+        step: list[types.Type] = []
+        for candidate in candidates:
+            if name and isinstance(candidate, types.StructType):
+                step += [f.type for f in candidate.fields if f.encode_name == name]
+            elif name and isinstance(candidate, types.DictType):
+                step.append(candidate.value_type)
+            elif index and isinstance(candidate, types.ListType):
+                step.append(candidate.item_type)
+        candidates = [alternative for s in step for alternative in _alternatives(s)]
+    for candidate in candidates:
+        if isinstance(candidate, types.EnumType):
+            return [member.value for member in candidate.cls]
+        if isinstance(candidate, types.LiteralType):
+            return list(candidate.values)
+    return []
+
+
+def _alternatives(kind: Any) -> list[Any]:
+    import msgspec.inspect as types  # noqa: PLC0415
+
+    if isinstance(kind, types.Metadata):
+        return _alternatives(kind.type)
+    if isinstance(kind, types.UnionType):
+        return [a for member in kind.types for a in _alternatives(member)]
+    return [kind]
