@@ -82,8 +82,9 @@ def dumped(section: msgspec.Struct) -> Any:
 def field_problem(field: str, message: str) -> ValueError:
     """An error about one field, raised from `__post_init__`: reported at that field.
 
-    Other errors from `__post_init__` are about the section as a whole and are
-    reported at the section (`devicePlugins[0]: draDriverName: only used with ...`).
+    `field` is a path below the section (`devicePlugins[1].resourceName`). Other
+    errors from `__post_init__` are reported at the section as a whole
+    (`devicePlugins[0]: draDriverName: only used with ...`).
     """
     return ValueError(f"{_FIELD}{field}: {message}")
 
@@ -102,11 +103,7 @@ def problem(error: msgspec.ValidationError, root: type | None = None, at: str = 
         message = _MISSING if match["what"] == "missing required" else _UNKNOWN
     else:
         message = _reworded(message, root, path)
-    where = _joined(at, path)
-    if not where:
-        # A check of the whole document names its fields in its message.
-        return message if ": " in message else f"(top level): {message}"
-    return f"{where}: {message}"
+    return f"{_joined(at, path) or '(top level)'}: {message}"
 
 
 _FIELD = "\x00field "  # marks field_problem()'s messages; never in a YAML key
@@ -115,7 +112,9 @@ _UNKNOWN = "unknown field (check its spelling and indentation)"
 _MISSING_OR_UNKNOWN = re.compile(
     r"Object (?P<what>missing required|contains unknown) field `(?P<field>.*)`"
 )
-_LOCATION = re.compile(r"(?P<message>.*?)(?: - at (?:`key` in )?`\$(?P<path>[^`]*)`)?", re.DOTALL)
+_LOCATION = re.compile(
+    r"(?P<message>.*?)(?: - at (?P<key>`key` in )?`\$(?P<path>[^`]*)`)?", re.DOTALL
+)
 _NOUNS = {
     "int": "an integer",
     "float": "a number",
@@ -175,8 +174,9 @@ _REWORDINGS: list[tuple[re.Pattern[str], Callable[[re.Match[str]], str]]] = [
         re.compile(r"Expected `str` matching regex (?P<regex>.*)"),
         lambda found: f"String should match the pattern {found['regex']}",
     ),
-    (re.compile(r"Expected `str`"), lambda _: "keys must be strings"),  # a mapping's key
+    (re.compile(r"Expected `str`"), lambda _: "Input should be a valid string"),
 ]
+_KEY_PREFIX = "\x00key "  # a problem with one of a mapping's keys
 _BAD_ENUM = re.compile(r"Invalid enum value (?P<value>.*)")
 
 
@@ -188,9 +188,11 @@ def _kind(value: object) -> str:
 
 
 def _split(text: str) -> tuple[str, str]:
+    """msgspec's message and the path it names (`[...]` for a mapping's values)."""
     match = _LOCATION.fullmatch(text)
     assert match is not None  # every text matches: the location is optional
-    return match["message"], (match["path"] or "").removeprefix(".")
+    message = f"{_KEY_PREFIX}{match['message']}" if match["key"] else match["message"]
+    return message, (match["path"] or "").removeprefix(".")
 
 
 def _joined(path: str, field: str) -> str:
@@ -204,6 +206,8 @@ def _either(words: list[str]) -> str:
 
 
 def _reworded(message: str, root: type | None, path: str) -> str:
+    if message.startswith(_KEY_PREFIX):
+        return "a key: " + _reworded(message.removeprefix(_KEY_PREFIX), None, "")
     if match := _BAD_ENUM.fullmatch(message):
         allowed = _allowed_values(root, path) if root is not None else []
         if not allowed:
@@ -220,14 +224,14 @@ def _allowed_values(root: type, path: str) -> list[object]:
     import msgspec.inspect as types  # noqa: PLC0415 - only when a config is refused
 
     candidates = _alternatives(types.type_info(root))
-    for name, index in re.findall(r"\.?([^.\[]+)|\[(\d+)\]", path):
+    for index, name in re.findall(r"\[(\d+|\.\.\.)\]|\.?([^.\[]+)", path):
         step: list[types.Type] = []
         for candidate in candidates:
             if name and isinstance(candidate, types.StructType):
                 step += [f.type for f in candidate.fields if f.encode_name == name]
-            elif name and isinstance(candidate, types.DictType):
+            elif index == "..." and isinstance(candidate, types.DictType):
                 step.append(candidate.value_type)
-            elif index and isinstance(candidate, types.ListType):
+            elif index.isdigit() and isinstance(candidate, types.ListType):
                 step.append(candidate.item_type)
         candidates = [alternative for s in step for alternative in _alternatives(s)]
     for candidate in candidates:

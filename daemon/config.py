@@ -217,14 +217,16 @@ class Config(configkit.Section, frozen=True):
         seen: dict[str, int] = {}
         for index, spec in enumerate(self.device_plugins):
             if spec.cdi and spec.device_list_strategy is not None:
-                raise ValueError(
-                    f"devicePlugins[{index}].cdi: give cdi or deviceListStrategy, not both "
-                    "(cdi: true is the same as deviceListStrategy: [cdiField])"
+                raise configkit.field_problem(
+                    f"devicePlugins[{index}].cdi",
+                    "give cdi or deviceListStrategy, not both "
+                    "(cdi: true is the same as deviceListStrategy: [cdiField])",
                 )
             if spec.resource_name in seen:
-                raise ValueError(
-                    f"devicePlugins[{index}].resourceName: {spec.resource_name!r} is already "
-                    f"used by devicePlugins[{seen[spec.resource_name]}]"
+                raise configkit.field_problem(
+                    f"devicePlugins[{index}].resourceName",
+                    f"{spec.resource_name!r} is already used by "
+                    f"devicePlugins[{seen[spec.resource_name]}]",
                 )
             seen[spec.resource_name] = index
         directory = self.device_plugin_socket_dir
@@ -235,9 +237,10 @@ class Config(configkit.Section, frozen=True):
                 if self.device_plugin_registration is Registration.PLUGIN_WATCHER
                 else "devicePluginDir"
             )
-            raise ValueError(
-                f"{field}: {str(directory)!r} is too long for device-plugin sockets; their "
-                f"paths would exceed the {MAX_SOCKET_PATH}-byte Unix socket limit"
+            raise configkit.field_problem(
+                field,
+                f"{str(directory)!r} is too long for device-plugin sockets; their "
+                f"paths would exceed the {MAX_SOCKET_PATH}-byte Unix socket limit",
             )
 
     def _check_dra_drivers(self) -> None:
@@ -247,9 +250,9 @@ class Config(configkit.Section, frozen=True):
                 continue
             name = spec.driver_name
             if name in seen:
-                raise ValueError(
-                    f"devicePlugins[{index}].draDriverName: {name!r} is already the DRA "
-                    f"driver of devicePlugins[{seen[name]}]"
+                raise configkit.field_problem(
+                    f"devicePlugins[{index}].draDriverName",
+                    f"{name!r} is already the DRA driver of devicePlugins[{seen[name]}]",
                 )
             seen[name] = index
             sockets = (
@@ -258,9 +261,10 @@ class Config(configkit.Section, frozen=True):
             )
             for socket in sockets:
                 if bound_path_length(self.kubelet_dir / socket) > MAX_SOCKET_PATH:
-                    raise ValueError(
-                        f"devicePlugins[{index}].draDriverName: {socket!r} below kubeletDir "
-                        f"would exceed the {MAX_SOCKET_PATH}-byte Unix socket limit"
+                    raise configkit.field_problem(
+                        f"devicePlugins[{index}].draDriverName",
+                        f"{socket!r} below kubeletDir would exceed the "
+                        f"{MAX_SOCKET_PATH}-byte Unix socket limit",
                     )
 
     def _check_csi_socket_paths(self) -> None:
@@ -269,9 +273,10 @@ class Config(configkit.Section, frozen=True):
         name = self.csi.driver_name
         for socket in (f"plugins/{name}/csi.sock", f"plugins_registry/{name}-reg.sock"):
             if bound_path_length(self.kubelet_dir / socket) > MAX_SOCKET_PATH:
-                raise ValueError(
-                    f"csi.driverName: {socket!r} below kubeletDir would exceed the "
-                    f"{MAX_SOCKET_PATH}-byte Unix socket limit"
+                raise configkit.field_problem(
+                    "csi.driverName",
+                    f"{socket!r} below kubeletDir would exceed the "
+                    f"{MAX_SOCKET_PATH}-byte Unix socket limit",
                 )
 
 

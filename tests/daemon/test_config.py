@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +159,54 @@ def test_backend_config_errors_name_the_field(plugin: dict[str, Any], expected: 
     with pytest.raises(configuration.ConfigError) as caught:
         configuration.create_backends(config)
     assert any(expected in problem for problem in caught.value.problems), caught.value.problems
+
+
+NOT_AN_INTEGER = "Input should be a valid integer, unable to parse string as an integer"
+
+
+@pytest.mark.parametrize(
+    ("backend", "config", "expected"),
+    [
+        (
+            "pydantic-vendor",
+            {"size": "big"},
+            [f"devicePlugins[0].config.size: {NOT_AN_INTEGER}"],
+        ),
+        (
+            "pydantic-vendor",
+            {"ports": [1, "x"], "other": 1},
+            [
+                "devicePlugins[0].config.size: required field is missing",
+                f"devicePlugins[0].config.ports[1]: {NOT_AN_INTEGER}",
+                "devicePlugins[0].config.other: unknown field (check its spelling and indentation)",
+            ],
+        ),
+        (
+            "msgspec-vendor",
+            {"size": "big"},
+            ["devicePlugins[0].config.size: Input should be a valid integer, not a string"],
+        ),
+        ("msgspec-vendor", {}, ["devicePlugins[0].config.size: required field is missing"]),
+    ],
+)
+def test_vendor_validation_errors_name_the_field(
+    vendor_site: Path, backend: str, config: dict[str, Any], expected: list[str]
+) -> None:
+    """A vendor's factory may validate with pydantic or msgspec; each problem names its field."""
+    plugin = {"resourceName": "vendor.example/x", "backend": backend, "config": config}
+    with pytest.raises(configuration.ConfigError) as caught:
+        configuration.create_backends(configuration.parse({"devicePlugins": [plugin]}))
+    assert caught.value.problems == expected
+
+
+def test_the_daemon_never_imports_pydantic() -> None:
+    """pydantic cost ~9 MiB of idle RSS: a vendor may use it, nodeplug does not."""
+    code = (
+        "import sys, daemon.cli, daemon.supervisor, daemon.csiplugin, daemon.inspection; "
+        "from deviceplugin.backends import glob, simulated, udev; "
+        "assert not [m for m in sys.modules if m.startswith(('pydantic', 'annotated_types'))]"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
 @pytest.mark.parametrize(
