@@ -4,8 +4,9 @@ msgspec does the typing (strict types, unknown keys refused, camelCase keys, ran
 lengths, enums) at ~0.5 MiB of RSS, where pydantic with our models cost ~9 MiB of a
 daemon that stays resident on every node. What a type cannot say is checked by field
 types of our own (`Checked` strings, `from_config` classes) and by `__post_init__`.
-msgspec stops at the first problem; `problem()` words it as the rest of nodeplug does:
-`devicePlugins[0].replicas: Input should be a valid integer, not a string`.
+`convert()` reports every problem (msgspec alone stops at the first), worded as the rest
+of nodeplug words them: `devicePlugins[0].replicas: Input should be a valid integer, not
+a string`.
 
 The daemon, the CSI driver and the device-plugin backends all use it, and know nothing
 of each other: this package imports nothing of theirs.
@@ -16,7 +17,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from types import UnionType
+from typing import Annotated, Any, TypeVar, Union, get_args, get_origin
 
 import msgspec
 
@@ -69,9 +71,24 @@ def _decoded(kind: type, value: object) -> object:
     return from_config(value)
 
 
+class InvalidConfigError(ValueError):
+    """Config data that does not convert: every problem found, each at its field."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        self.problems = problems  # (field path, message); the path "" is the top
+        super().__init__("; ".join(self.lines()))
+
+    def lines(self, at: str = "") -> list[str]:
+        """Each problem as `field.path: message`, below `at` in a larger document."""
+        return [f"{_joined(at, path) or '(top level)'}: {text}" for path, text in self.problems]
+
+
 def convert(data: object, kind: type[T]) -> T:
-    """Parsed YAML as a `kind`; a msgspec.ValidationError locates the first problem."""
-    return msgspec.convert(data, kind, dec_hook=_decoded)
+    """Parsed YAML as a `kind`, or InvalidConfigError naming every problem found."""
+    try:
+        return msgspec.convert(data, kind, dec_hook=_decoded)
+    except msgspec.ValidationError:
+        raise InvalidConfigError(_problems(data, kind, "")) from None
 
 
 def dumped(section: msgspec.Struct) -> Any:
@@ -90,10 +107,57 @@ def field_problem(field: str, message: str) -> ValueError:
 
 
 def problem(error: msgspec.ValidationError, root: type | None = None, at: str = "") -> str:
-    """The error as `field.path: message`; `root` (the converted type) names allowed values.
+    """msgspec's error (from a vendor's own convert()) as `field.path: message`.
 
-    `at` is where the converted data sits in a larger document (a backend's config).
+    `root`, the converted type, names the allowed values of an enum; `at` is where the
+    converted data sits in a larger document (a backend's config).
     """
+    path, message = _located(error, root, "")
+    return f"{_joined(at, path) or '(top level)'}: {message}"
+
+
+def _problems(data: object, kind: Any, path: str) -> list[tuple[str, str]]:
+    """Every problem of `data` as a `kind`, where msgspec stops at the first.
+
+    The fields of a mapping and the items of a list are converted one by one; checks of
+    a section as a whole (`__post_init__`) run only once each of its fields is right.
+    """
+    try:
+        msgspec.convert(data, kind, dec_hook=_decoded)
+    except msgspec.ValidationError as error:
+        first = [_located(error, kind, path)]
+    else:
+        return []
+    found: list[tuple[str, str]] = []
+    struct = _member(kind, lambda t: isinstance(t, type) and issubclass(t, msgspec.Struct))
+    items = _member(kind, lambda t: get_origin(t) is list)
+    if struct is not None and isinstance(data, dict) and all(isinstance(k, str) for k in data):
+        fields = {field.encode_name: field for field in msgspec.structs.fields(struct)}
+        for key, value in data.items():
+            if key in fields:
+                found += _problems(value, fields[key].type, _joined(path, key))
+            elif struct.__struct_config__.forbid_unknown_fields:
+                found.append((_joined(path, key), _UNKNOWN))
+        missing = [name for name, field in fields.items() if field.required and name not in data]
+        found += [(_joined(path, name), _MISSING) for name in missing]
+    elif items is not None and isinstance(data, list):
+        (item,) = get_args(items)
+        for index, value in enumerate(data):
+            found += _problems(value, item, f"{path}[{index}]")
+    return found or first
+
+
+def _member(kind: Any, wanted: Callable[[Any], bool]) -> Any:
+    """`kind`, or the member of its union, that is `wanted` (Annotated looked through)."""
+    if get_origin(kind) is Annotated:
+        return _member(get_args(kind)[0], wanted)
+    if get_origin(kind) in (Union, UnionType):
+        return next((m for m in map(lambda a: _member(a, wanted), get_args(kind)) if m), None)
+    return kind if wanted(kind) else None
+
+
+def _located(error: msgspec.ValidationError, root: Any, at: str) -> tuple[str, str]:
+    """The field path (below `at`) and message of msgspec's error, worded as ours."""
     message, path = _split(str(error))
     if message.startswith(_FIELD):
         field, _, message = message[len(_FIELD) :].partition(": ")
@@ -103,7 +167,7 @@ def problem(error: msgspec.ValidationError, root: type | None = None, at: str = 
         message = _MISSING if match["what"] == "missing required" else _UNKNOWN
     else:
         message = _reworded(message, root, path)
-    return f"{_joined(at, path) or '(top level)'}: {message}"
+    return _joined(at, path), message
 
 
 _FIELD = "\x00field "  # marks field_problem()'s messages; never in a YAML key
@@ -205,7 +269,7 @@ def _either(words: list[str]) -> str:
     return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
 
 
-def _reworded(message: str, root: type | None, path: str) -> str:
+def _reworded(message: str, root: Any, path: str) -> str:
     if message.startswith(_KEY_PREFIX):
         return "a key: " + _reworded(message.removeprefix(_KEY_PREFIX), None, "")
     if match := _BAD_ENUM.fullmatch(message):
@@ -219,7 +283,7 @@ def _reworded(message: str, root: type | None, path: str) -> str:
     return message
 
 
-def _allowed_values(root: type, path: str) -> list[object]:
+def _allowed_values(root: Any, path: str) -> list[object]:
     """The values an enum or literal field at `path` (from msgspec) takes, if it is one."""
     import msgspec.inspect as types  # noqa: PLC0415 - only when a config is refused
 

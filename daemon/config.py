@@ -76,22 +76,23 @@ class ConfigError(Exception):
         return "\n".join(lines)
 
 
+def _valid(name: str, what: str, problem: str | None) -> str:
+    if problem is not None:
+        raise ValueError(f"{name!r} is not a valid {what}: {problem}")
+    return name
+
+
 class ResourceName(configkit.Checked):
     @classmethod
     def check(cls, value: str) -> str:
-        problem = resource_name_problem(value)
-        if problem is not None:
-            raise ValueError(f"{value!r} is not a valid extended resource name: {problem}")
-        return value
+        return _valid(value, "extended resource name", resource_name_problem(value))
 
 
 class DraDriverName(configkit.Checked):
     @classmethod
     def check(cls, value: str) -> str:
         problem = dra_names.driver_name_problem(value)
-        if problem is not None:
-            raise ValueError(f"{value!r} is not a valid DRA driver name: it {problem}")
-        return value
+        return _valid(value, "DRA driver name", problem and f"it {problem}")
 
 
 class ListenAddress(configkit.Checked):
@@ -348,8 +349,8 @@ def parse(data: object, source: str = "<config>") -> Config:
     data = {**data, **{key: off for key, off in nulls.items() if key in data and data[key] is None}}
     try:
         return configkit.convert(data, Config)
-    except msgspec.ValidationError as error:
-        raise ConfigError(source, [configkit.problem(error, Config)]) from None
+    except configkit.InvalidConfigError as error:
+        raise ConfigError(source, error.lines()) from None
 
 
 @dataclass
@@ -451,7 +452,9 @@ def create_backends(
             continue
         try:
             backends[spec.resource_name] = factory(spec.config)
-        except msgspec.ValidationError as error:
+        except configkit.InvalidConfigError as error:
+            problems += error.lines(at=f"{where}.config")
+        except msgspec.ValidationError as error:  # a vendor's own msgspec.convert()
             problems.append(configkit.problem(error, at=f"{where}.config"))
         except (ValueError, TypeError) as error:
             vendors = _pydantic_problems(error)

@@ -132,6 +132,23 @@ def test_bad_configs_name_the_field(data: Any, expected: str) -> None:
     assert caught.value.report().startswith("invalid config test.yaml:")
 
 
+def test_every_problem_is_reported_at_once() -> None:
+    data = {
+        "stateDir": 7,
+        "devicePlugins": [{"resourceName": "widget", "replicas": 0}, {**GOOD_PLUGIN, "api": "x"}],
+    }
+    with pytest.raises(configuration.ConfigError) as caught:
+        configuration.parse(data, "test.yaml")
+    assert caught.value.problems == [
+        "stateDir: Input should be a valid path, not an integer",
+        "devicePlugins[0].resourceName: 'widget' is not a valid extended resource name: "
+        "must be 'domain/name' (a name without a domain is a native resource)",
+        "devicePlugins[0].replicas: Input should be greater than or equal to 1",
+        "devicePlugins[0].backend: required field is missing",
+        "devicePlugins[1].api: Input should be 'devicePlugin', 'dra' or 'both', not 'x'",
+    ]
+
+
 @pytest.mark.parametrize(
     ("plugin", "expected"),
     [
