@@ -1,7 +1,7 @@
 """Config sections as msgspec Structs, and problems that name their field.
 
 msgspec does the typing (strict types, unknown keys refused, camelCase keys, ranges,
-lengths, enums) at ~0.5 MiB of RSS, where pydantic with our models cost ~9 MiB of a
+lengths, enums) for 1.2 MiB of RSS, where pydantic with our models cost 8-9 MiB of a
 daemon that stays resident on every node. What a type cannot say is checked by field
 types of our own (`Checked` strings, `from_config` classes) and by `__post_init__`.
 `convert()` reports every problem (msgspec alone stops at the first), worded as the rest
@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from enum import Enum
 from pathlib import Path
 from types import UnionType
-from typing import Annotated, Any, TypeVar, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 import msgspec
 
@@ -129,8 +130,8 @@ def _problems(data: object, kind: Any, path: str) -> list[tuple[str, str]]:
     else:
         return []
     found: list[tuple[str, str]] = []
-    struct = _member(kind, lambda t: isinstance(t, type) and issubclass(t, msgspec.Struct))
-    items = _member(kind, lambda t: get_origin(t) is list)
+    struct = _member(kind, _is_struct)
+    items = _member(kind, _of_origin(list))
     if struct is not None and isinstance(data, dict) and all(isinstance(k, str) for k in data):
         fields = {field.encode_name: field for field in msgspec.structs.fields(struct)}
         for key, value in data.items():
@@ -225,8 +226,8 @@ def _wrong_length(found: re.Match[str]) -> str:
     return f"{noun} should have {bound} {found['n']} {unit}{'' if found['n'] == '1' else 's'}"
 
 
-# msgspec's wordings (of the version pinned in .ci/constraints.txt; tests/test_configkit.py
-# has a case of each) and ours, as the rest of nodeplug words its messages.
+# msgspec's wordings (of the version pinned in .ci/constraints.txt; tests/configkit has a
+# case of each) and ours, as the rest of nodeplug words its messages.
 _REWORDINGS: list[tuple[re.Pattern[str], Callable[[re.Match[str]], str]]] = [
     (re.compile(r"Expected `(?P<want>[^`]+)`, got `(?P<got>\w+)`"), _wrong_type),
     (re.compile(r"Expected `(?:int|float)` (?P<op>[<>]=?) (?P<limit>\S+)"), _out_of_range),
@@ -273,7 +274,7 @@ def _reworded(message: str, root: Any, path: str) -> str:
     if message.startswith(_KEY_PREFIX):
         return "a key: " + _reworded(message.removeprefix(_KEY_PREFIX), None, "")
     if match := _BAD_ENUM.fullmatch(message):
-        allowed = _allowed_values(root, path) if root is not None else []
+        allowed = _allowed_values(root, path)
         if not allowed:
             return f"{match['value']} is not one of the allowed values"
         return f"Input should be {_either([repr(a) for a in allowed])}, not {match['value']}"
@@ -283,34 +284,27 @@ def _reworded(message: str, root: Any, path: str) -> str:
     return message
 
 
-def _allowed_values(root: Any, path: str) -> list[object]:
-    """The values an enum or literal field at `path` (from msgspec) takes, if it is one."""
-    import msgspec.inspect as types  # noqa: PLC0415 - only when a config is refused
-
-    candidates = _alternatives(types.type_info(root))
+def _allowed_values(kind: Any, path: str) -> list[object]:
+    """The values an enum or literal field at `path` below `kind` takes, if it is one."""
     for index, name in re.findall(r"\[(\d+|\.\.\.)\]|\.?([^.\[]+)", path):
-        step: list[types.Type] = []
-        for candidate in candidates:
-            if name and isinstance(candidate, types.StructType):
-                step += [f.type for f in candidate.fields if f.encode_name == name]
-            elif index == "..." and isinstance(candidate, types.DictType):
-                step.append(candidate.value_type)
-            elif index.isdigit() and isinstance(candidate, types.ListType):
-                step.append(candidate.item_type)
-        candidates = [alternative for s in step for alternative in _alternatives(s)]
-    for candidate in candidates:
-        if isinstance(candidate, types.EnumType):
-            return [member.value for member in candidate.cls]
-        if isinstance(candidate, types.LiteralType):
-            return list(candidate.values)
-    return []
+        if name:
+            struct = _member(kind, _is_struct)
+            fields = msgspec.structs.fields(struct) if struct is not None else ()
+            kind = next((field.type for field in fields if field.encode_name == name), None)
+        else:  # a list's item, or a mapping's value: [...]
+            container = _member(kind, _of_origin(dict if index == "..." else list))
+            kind = get_args(container)[-1] if container is not None else None
+    members = _member(kind, lambda t: isinstance(t, type) and issubclass(t, Enum))
+    if members is not None:
+        return [member.value for member in members]
+    literal = _member(kind, _of_origin(Literal))
+    return list(get_args(literal)) if literal is not None else []
 
 
-def _alternatives(kind: Any) -> list[Any]:
-    import msgspec.inspect as types  # noqa: PLC0415
+def _is_struct(kind: Any) -> bool:
+    return isinstance(kind, type) and issubclass(kind, msgspec.Struct)
 
-    if isinstance(kind, types.Metadata):
-        return _alternatives(kind.type)
-    if isinstance(kind, types.UnionType):
-        return [a for member in kind.types for a in _alternatives(member)]
-    return [kind]
+
+def _of_origin(origin: Any) -> Callable[[Any], bool]:
+    """Whether a type is a `origin[...]` (list[int] for list)."""
+    return lambda kind: get_origin(kind) is origin
