@@ -33,6 +33,8 @@ class ConfigReloader:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._requested = asyncio.Event()
+        # One reload at a time: two applying at once would stop the same units twice.
+        self._reloading = asyncio.Lock()
 
     def request(self) -> None:
         """Reload soon (the SIGHUP handler)."""
@@ -49,6 +51,10 @@ class ConfigReloader:
 
     async def reload(self, daemon: Daemon) -> str:
         """Load, validate and apply the file; return "applied", "unchanged" or "rejected"."""
+        async with self._reloading:
+            return await self._reload(daemon)
+
+    async def _reload(self, daemon: Daemon) -> str:
         source = str(self.path)
         try:
             config = configuration.load(self.path)
