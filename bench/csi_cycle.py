@@ -36,12 +36,12 @@ from pathlib import Path
 
 import grpc
 
-import configkit
 from csi.config import CsiConfig
 from csi.driver import CsiDriver
 from csi.errors import CommandError
 from csi.system import run
 from csi.v1 import csi_pb2, csi_pb2_grpc
+from deviceplugin import configkit
 
 MiB = 1024**2
 Mode = csi_pb2.VolumeCapability.AccessMode.Mode

@@ -15,10 +15,9 @@ import os
 import re
 import socket
 from pathlib import Path
+from typing import ClassVar, Self
 
 import msgspec
-
-import configkit
 
 # GetPluginInfo: domain-name notation, at most 63 characters (the spec's rule).
 _DRIVER_NAME = re.compile(r"^[a-zA-Z0-9]([a-zA-Z0-9.-]{0,61}[a-zA-Z0-9])?$")
@@ -53,15 +52,15 @@ def parse_quantity(value: object) -> int:
     return int(match.group(1)) * _UNITS[match.group(2)]
 
 
-class _Matching(configkit.Checked):
-    pattern: re.Pattern[str]
-    what: str
+class _Matching(str):
+    pattern: ClassVar[re.Pattern[str]]
+    what: ClassVar[str]
 
     @classmethod
-    def check(cls, value: str) -> str:
+    def from_config(cls, value: str) -> Self:
         if cls.pattern.match(value) is None:
             raise ValueError(f"{value!r} is not a valid {cls.what}")
-        return value
+        return cls(value)
 
 
 class DriverName(_Matching):
@@ -72,6 +71,12 @@ class DriverName(_Matching):
 class NodeId(_Matching):
     pattern = _NODE_ID
     what = "node id"
+
+
+def _default_node_id() -> str:
+    # A DaemonSet passes the Node's name (fieldRef spec.nodeName): pods' host names
+    # are their own unless they use the host network.
+    return os.environ.get("NODE_NAME") or socket.gethostname().split(".")[0]
 
 
 class Bytes(int):
@@ -85,13 +90,17 @@ class Bytes(int):
         return cls(size)
 
 
-def _default_node_id() -> str:
-    # A DaemonSet passes the Node's name (fieldRef spec.nodeName): pods' host names
-    # are their own unless they use the host network.
-    return os.environ.get("NODE_NAME") or socket.gethostname().split(".")[0]
+class _Section(
+    msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True, rename="camel"
+):
+    """A mapping of the section: unknown keys refused, camelCase keys, read-only.
+
+    The daemon converts its config with deviceplugin/configkit.py, whose hook makes the
+    field types above through their `from_config` and refuses relative `Path`s.
+    """
 
 
-class PoolConfig(configkit.Section, frozen=True):
+class PoolConfig(_Section, frozen=True):
     path: Path
     image: Path | None = None
     size: Bytes | None = None
@@ -111,7 +120,7 @@ class PoolConfig(configkit.Section, frozen=True):
                 )
 
 
-class CsiConfig(configkit.Section, frozen=True, kw_only=True):
+class CsiConfig(_Section, frozen=True, kw_only=True):
     driver_name: DriverName
     node_id: NodeId = msgspec.field(default_factory=lambda: NodeId(_default_node_id()))
     pool: PoolConfig

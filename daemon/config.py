@@ -42,8 +42,8 @@ from typing import Annotated, Any
 import msgspec
 import yaml
 
-import configkit
 from csi.config import CsiConfig
+from deviceplugin import configkit
 from deviceplugin.allocation import Policy
 from deviceplugin.backend import Backend, BackendNotFoundError, load_backend_factory
 from deviceplugin.cdi import CDI_STRATEGIES, DeviceListStrategy

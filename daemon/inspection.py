@@ -8,8 +8,8 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-import configkit
 from daemon.config import Config
+from deviceplugin import configkit
 from deviceplugin.backend import Backend, Device
 from deviceplugin.cdi import spec_file_name
 from deviceplugin.dra.names import PLUGINS_SUBDIR, SOCKET_NAME

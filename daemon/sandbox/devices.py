@@ -14,10 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import configkit
 from daemon import config as configuration
 from daemon.config import Registration
 from daemon.sandbox.core import Demo, Sandbox
+from deviceplugin import configkit
 from deviceplugin.testkit import FakeKubelet
 from deviceplugin.v1beta1 import api_pb2
 

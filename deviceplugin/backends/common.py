@@ -8,7 +8,7 @@ import os
 import re
 from pathlib import Path
 
-import configkit
+from deviceplugin import configkit
 from deviceplugin.names import MAX_DEVICE_ID_LENGTH
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")

@@ -30,7 +30,7 @@ from typing import Annotated, Any
 import msgspec
 from asyncinotify import Inotify, Mask, Watch
 
-import configkit
+from deviceplugin import configkit
 from deviceplugin.backend import Device, DeviceNode
 from deviceplugin.backends.common import NumaNodes, Permissions, device_id
 

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-import configkit
+from deviceplugin import configkit
 from deviceplugin.backend import Device
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ from typing import Annotated, Any
 import msgspec
 import pyudev
 
-import configkit
+from deviceplugin import configkit
 from deviceplugin.backend import Device, DeviceNode
 from deviceplugin.backends.common import Permissions, device_id, numa_node_of
 

@@ -12,11 +12,11 @@ from typing import TypeAlias
 import grpc
 import pytest
 
-import configkit
 from csi import mounts
 from csi.config import CsiConfig
 from csi.driver import CsiDriver
 from csi.v1 import csi_pb2, csi_pb2_grpc
+from deviceplugin import configkit
 
 DRIVER = "local.csi.nodeplug.io"
 NODE = "node-1"

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-import configkit
 from csi import files
 from csi.config import CsiConfig
 from csi.driver import CsiDriver
 from csi.errors import SetupError
+from deviceplugin import configkit
 from tests.csi.conftest import DRIVER, cleanup_below
 
 pytestmark = pytest.mark.root

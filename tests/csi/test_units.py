@@ -10,7 +10,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import configkit
 from csi import capacity, validation
 from csi import state as state_module
 from csi.config import CsiConfig, parse_quantity
@@ -19,6 +18,7 @@ from csi.errors import InvalidArgumentError, NotFoundError, OutOfRangeError
 from csi.mounts import mounted_at, parse_mountinfo
 from csi.state import State, StateFileError, StateStore, Status, VolumeRecord
 from csi.v1 import csi_pb2
+from deviceplugin import configkit
 from tests.csi.conftest import DRIVER, cleanup_below
 
 MiB = 1024**2

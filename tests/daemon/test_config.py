@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import configkit
 from daemon import config as configuration
+from deviceplugin import configkit
 from deviceplugin.allocation import Policy
 
 GOOD_PLUGIN = {

@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 
-import configkit
 from credprovider.__main__ import _options
 from daemon import config as daemon_config
 from daemon.cli import DEFAULT_CONFIG
@@ -22,6 +21,7 @@ from daemon.csiplugin import CSI_PLUGIN_SUBDIR
 from daemon.csiplugin import SHUTDOWN_GRACE as CSI_GRACE
 from daemon.pluginwatcher import REGISTRY_SUBDIR
 from daemon.pluginwatcher import SHUTDOWN_GRACE as REGISTRATION_GRACE
+from deviceplugin import configkit
 from deviceplugin.plugin import SHUTDOWN_GRACE as DEVICE_PLUGIN_GRACE
 from tests.manifests import model
 

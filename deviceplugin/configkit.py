@@ -8,8 +8,11 @@ types of our own (`Checked` strings, `from_config` classes) and by `__post_init_
 of nodeplug words them: `devicePlugins[0].replicas: Input should be a valid integer, not
 a string`.
 
-The daemon, the CSI driver and the device-plugin backends all use it, and know nothing
-of each other: this package imports nothing of theirs.
+The built-in backends use it (and vendors may), and the daemon converts its whole config
+with it, the `csi:` section included. csi/config.py, which must not import deviceplugin,
+defines its sections on msgspec alone with the same conventions: `Section`'s options, and
+field types that convert through a `from_config` classmethod, which `convert()` calls by
+duck typing. This module imports nothing of nodeplug's.
 """
 
 from __future__ import annotations
@@ -45,9 +48,7 @@ class Checked(str):
         raise NotImplementedError
 
     @classmethod
-    def from_config(cls, value: object) -> Checked:
-        if not isinstance(value, str):
-            raise TypeError(f"Input should be a valid string, not {_NOUNS.get(_kind(value))}")
+    def from_config(cls, value: str) -> Checked:
         return cls(cls.check(value))
 
 
@@ -63,12 +64,17 @@ def absolute_path(value: object) -> Path:
 
 
 def _decoded(kind: type, value: object) -> object:
-    """msgspec's hook for field types it does not know: paths and our own."""
+    """msgspec's hook for field types it does not know: paths, and any with `from_config`.
+
+    A string type's `from_config` is given only strings.
+    """
     if kind is Path:
         return absolute_path(value)
     from_config = getattr(kind, "from_config", None)
     if from_config is None:
         raise TypeError(f"{kind.__name__} is not a config field type")
+    if issubclass(kind, str) and not isinstance(value, str):
+        raise TypeError(f"Input should be a valid string, not {_NOUNS.get(_kind(value))}")
     return from_config(value)
 
 
@@ -226,8 +232,9 @@ def _wrong_length(found: re.Match[str]) -> str:
     return f"{noun} should have {bound} {found['n']} {unit}{'' if found['n'] == '1' else 's'}"
 
 
-# msgspec's wordings (of the version pinned in .ci/constraints.txt; tests/configkit has a
-# case of each) and ours, as the rest of nodeplug words its messages.
+# msgspec's wordings (of the version pinned in .ci/constraints.txt;
+# tests/deviceplugin/test_configkit.py has a case of each) and ours, as the rest of
+# nodeplug words its messages.
 _REWORDINGS: list[tuple[re.Pattern[str], Callable[[re.Match[str]], str]]] = [
     (re.compile(r"Expected `(?P<want>[^`]+)`, got `(?P<got>\w+)`"), _wrong_type),
     (re.compile(r"Expected `(?:int|float)` (?P<op>[<>]=?) (?P<limit>\S+)"), _out_of_range),

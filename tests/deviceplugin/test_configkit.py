@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import configkit
+from deviceplugin import configkit
 
 
 class Color(enum.StrEnum):
