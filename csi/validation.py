@@ -152,6 +152,15 @@ def capability(capability: csi_pb2.VolumeCapability, field: str) -> None:
             )
 
 
+def access_type(
+    capability: csi_pb2.VolumeCapability, block: bool, volume_id: str, field: str
+) -> None:
+    """Raise InvalidArgumentError unless the capability's access type is the volume's."""
+    if (capability.WhichOneof("access_type") == "block") != block:
+        kind = "block" if block else "filesystem"
+        raise InvalidArgumentError(f"{field}: volume {volume_id} is a {kind} volume")
+
+
 def capabilities(items: list[csi_pb2.VolumeCapability], field: str = "volume_capabilities") -> bool:
     """Check every capability; return True if the volume is a block volume.
 
