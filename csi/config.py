@@ -134,16 +134,18 @@ class CsiConfig(_Section):
     def _check_mode(self) -> CsiConfig:
         if self.mode is Mode.NODE and self.pool is None:
             raise ValueError("pool: required field is missing (mode: node serves volumes)")
-        if self.mode is Mode.CONTROLLER:
-            if self.endpoint is None:
-                raise ValueError(
-                    "endpoint: required with mode: controller (the socket csi-resizer dials)"
-                )
-            if self.pool is not None:
-                raise ValueError(
-                    "pool: not used with mode: controller, which touches no storage (the "
-                    "nodes' daemons grow volumes); remove it"
-                )
+        problems = []
+        if self.mode is Mode.CONTROLLER and self.pool is not None:
+            problems.append(
+                "pool: not used with mode: controller, which touches no storage (the nodes' "
+                "daemons grow volumes); remove it"
+            )
+        if self.mode is Mode.CONTROLLER and self.endpoint is None:
+            problems.append(
+                "endpoint: required with mode: controller (the socket csi-resizer dials)"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     @property
