@@ -537,6 +537,7 @@ async def test_both_commands_serve_the_controller_and_stop_cleanly(
         # No kubelet directory, registration or node feature file: nothing of a node.
         assert not (short_tmp / "kubelet").exists()
         assert not (short_tmp / "features.d").exists()
+        assert not (short_tmp / "state").exists()
         process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), 10) == 0
     finally:
