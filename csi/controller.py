@@ -300,11 +300,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
     async def ValidateVolumeCapabilities(
         self, request: csi_pb2.ValidateVolumeCapabilitiesRequest, context: Context
     ) -> csi_pb2.ValidateVolumeCapabilitiesResponse:
-        validation.required(request, "volume_id", "volume_capabilities")
-        # Malformed capabilities are a bad request; unsupported ones an unconfirmed answer.
-        for index, item in enumerate(request.volume_capabilities):
-            validation.well_formed(item, f"volume_capabilities[{index}]")
-        volume_id = validation.object_id(request.volume_id, validation.VOLUME_PREFIX, "volume_id")
+        volume_id = validation.validation_request(request)
         record = self.driver.volume(volume_id)
         try:
             block = validation.capabilities(list(request.volume_capabilities))

@@ -70,7 +70,8 @@ def _not_offered(method: str) -> Callable[..., Awaitable[Any]]:
 
 
 class ExpansionControllerServicer(csi_pb2_grpc.ControllerServicer):
-    """EXPAND_VOLUME and nothing else, as the capabilities say."""
+    """EXPAND_VOLUME and nothing else, as the capabilities say (and the mandatory
+    ValidateVolumeCapabilities, as far as it can answer)."""
 
     CAPABILITIES = (csi_pb2.ControllerServiceCapability(rpc=RPC(type=RPC.EXPAND_VOLUME)),)
 
@@ -78,7 +79,6 @@ class ExpansionControllerServicer(csi_pb2_grpc.ControllerServicer):
     DeleteVolume = _not_offered("DeleteVolume")
     ControllerPublishVolume = _not_offered("ControllerPublishVolume")
     ControllerUnpublishVolume = _not_offered("ControllerUnpublishVolume")
-    ValidateVolumeCapabilities = _not_offered("ValidateVolumeCapabilities")
     ListVolumes = _not_offered("ListVolumes")
     GetCapacity = _not_offered("GetCapacity")
     CreateSnapshot = _not_offered("CreateSnapshot")
@@ -93,6 +93,19 @@ class ExpansionControllerServicer(csi_pb2_grpc.ControllerServicer):
         self, request: csi_pb2.ControllerGetCapabilitiesRequest, context: Context
     ) -> csi_pb2.ControllerGetCapabilitiesResponse:
         return csi_pb2.ControllerGetCapabilitiesResponse(capabilities=self.CAPABILITIES)
+
+    @rpc
+    async def ValidateVolumeCapabilities(
+        self, request: csi_pb2.ValidateVolumeCapabilitiesRequest, context: Context
+    ) -> csi_pb2.ValidateVolumeCapabilitiesResponse:
+        """Mandatory for every Controller (the spec): what is knowable here is checked (the
+        fields, the capabilities' form, the id's shape); whether the volume takes them is
+        known on its node only, so a well-formed request is answered unconfirmed."""
+        volume_id = validation.validation_request(request)
+        return csi_pb2.ValidateVolumeCapabilitiesResponse(
+            message=f"volume {volume_id} lives on a node: this expansion controller cannot "
+            "confirm its capabilities"
+        )
 
     @rpc
     async def ControllerExpandVolume(

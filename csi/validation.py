@@ -176,6 +176,17 @@ def capabilities(items: list[csi_pb2.VolumeCapability], field: str = "volume_cap
     return kinds == {"block"}
 
 
+def validation_request(request: csi_pb2.ValidateVolumeCapabilitiesRequest) -> str:
+    """The volume id of a well-formed ValidateVolumeCapabilities request.
+
+    Malformed capabilities are a bad request; unsupported ones get an unconfirmed answer.
+    """
+    required(request, "volume_id", "volume_capabilities")
+    for index, item in enumerate(request.volume_capabilities):
+        well_formed(item, f"volume_capabilities[{index}]")
+    return object_id(request.volume_id, VOLUME_PREFIX, "volume_id")
+
+
 def object_id_problem(value: str) -> str | None:
     """Why value cannot be an id (or a pagination token) this driver issued, or None."""
     return None if _ID.match(value) else f"{quoted(value)} is not a driver-issued id"

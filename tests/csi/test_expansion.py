@@ -221,10 +221,10 @@ async def test_the_controller_offers_expansion_and_nothing_else(resizer: Resizer
         csi_pb2.ControllerGetCapabilitiesRequest()
     )
     assert [c.rpc.type for c in controller.capabilities] == [rpc.EXPAND_VOLUME]
-    offered = {"ControllerGetCapabilities", "ControllerExpandVolume"}
+    offered = {"ControllerGetCapabilities", "ControllerExpandVolume", "ValidateVolumeCapabilities"}
     methods = csi_pb2.DESCRIPTOR.services_by_name["Controller"].methods
     others = [m for m in methods if m.name not in offered]
-    assert len(others) == 13
+    assert len(others) == 12
     for method in others:
         call = getattr(resizer.controller, method.name)
         request = getattr(csi_pb2, method.input_type.name)()
@@ -234,6 +234,41 @@ async def test_the_controller_offers_expansion_and_nothing_else(resizer: Resizer
     assert await code_of(node.NodeGetCapabilities(csi_pb2.NodeGetCapabilitiesRequest())) == (
         Code.UNIMPLEMENTED
     )
+
+
+async def test_the_controller_validates_what_it_can_and_confirms_nothing(
+    resizer: Resizer,
+) -> None:
+    """ValidateVolumeCapabilities is mandatory for a Controller (the spec; csi-sanity
+    calls it whatever the capabilities say)."""
+    validate = resizer.controller.ValidateVolumeCapabilities
+    good = [mount_capability()]
+    cases = [
+        (
+            csi_pb2.ValidateVolumeCapabilitiesRequest(volume_capabilities=good),
+            Code.INVALID_ARGUMENT,
+        ),
+        (csi_pb2.ValidateVolumeCapabilitiesRequest(volume_id=SOME_VOLUME), Code.INVALID_ARGUMENT),
+        (
+            csi_pb2.ValidateVolumeCapabilitiesRequest(
+                volume_id=SOME_VOLUME, volume_capabilities=[csi_pb2.VolumeCapability()]
+            ),
+            Code.INVALID_ARGUMENT,
+        ),
+        (
+            csi_pb2.ValidateVolumeCapabilitiesRequest(
+                volume_id="fake-vol-id", volume_capabilities=good
+            ),
+            Code.NOT_FOUND,
+        ),
+    ]
+    for request, code in cases:
+        assert await code_of(validate(request)) == code
+    answer = await validate(
+        csi_pb2.ValidateVolumeCapabilitiesRequest(volume_id=SOME_VOLUME, volume_capabilities=good)
+    )
+    assert not answer.HasField("confirmed")
+    assert "cannot confirm" in answer.message
 
 
 def expand(
