@@ -28,9 +28,11 @@ import grpc
 import pytest
 import yaml
 
+from csi.config import Mode as CsiMode
 from csi.identity import probed
 from csi.v1 import csi_pb2, csi_pb2_grpc
 from daemon import config as configuration
+from daemon.reload import ConfigReloader
 from daemon.supervisor import Daemon
 from tests.csi.conftest import (
     DRIVER,
@@ -540,6 +542,38 @@ async def test_node_mode_serves_at_its_endpoint_and_registers_it(
         stop.set()
         await asyncio.wait_for(task, timeout=10)
     assert not endpoint.exists()
+
+
+async def test_a_reload_keeps_the_mode_nodeplug_controller_forces(short_tmp: Path) -> None:
+    path = short_tmp / "config.yaml"
+
+    def write_config(endpoint: Path, **extra: str) -> None:
+        data = controller_config(short_tmp)
+        data["csi"] = {"driverName": DRIVER, "endpoint": str(endpoint), **extra}  # no mode
+        aside = path.with_name(".config.yaml.new")
+        aside.write_text(yaml.safe_dump(data))
+        aside.replace(path)
+
+    first, second = short_tmp / "first.sock", short_tmp / "second.sock"
+    write_config(first)
+    config = configuration.load(path, CsiMode.CONTROLLER)
+    daemon = Daemon(config, [])
+    reloader = ConfigReloader(path, CsiMode.CONTROLLER)
+    stop = asyncio.Event()
+    task = asyncio.create_task(daemon.run(stop))
+    try:
+        await probed(first)
+        write_config(second)
+        assert await reloader.reload(daemon) == "applied"
+        await probed(second)
+        assert not first.exists()
+        write_config(first, mode="node")
+        assert await reloader.reload(daemon) == "rejected"
+        assert daemon.config.csi is not None and daemon.config.csi.mode is CsiMode.CONTROLLER
+        await probed(second)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=10)
 
 
 async def command(*argv: str) -> asyncio.subprocess.Process:
