@@ -53,7 +53,7 @@ from pydantic import (
     model_validator,
 )
 
-from csi.config import CsiConfig
+from csi.config import CsiConfig, Mode
 from deviceplugin.allocation import Policy
 from deviceplugin.backend import Backend, BackendNotFoundError, load_backend_factory
 from deviceplugin.cdi import CDI_STRATEGIES, DeviceListStrategy
@@ -63,6 +63,7 @@ from deviceplugin.names import MAX_SOCKET_PATH, resource_name_problem
 from deviceplugin.socketdir import DEVICE_PLUGIN_PATH
 
 PLUGIN_REGISTRY_SUBDIR = "plugins_registry"
+CSI_PLUGIN_SUBDIR = "plugins"
 # The longest socket name nodeplug puts in the device-plugins directory (hashed names).
 _LONGEST_SOCKET_NAME = len("nodeplug-0123456789abcdef.sock")
 # Far beyond any real config, far below what a recursive YAML composer or validator
@@ -301,16 +302,33 @@ class Config(_Section):
                     )
         return self
 
-    @model_validator(mode="after")
-    def _check_csi_socket_paths(self) -> Config:
+    @property
+    def csi_socket(self) -> Path | None:
+        """Where the CSI driver serves: csi.endpoint, else below kubeletDir (node mode)."""
         if self.csi is None:
+            return None
+        default = self.kubelet_dir / CSI_PLUGIN_SUBDIR / self.csi.driver_name / "csi.sock"
+        return self.csi.endpoint or default
+
+    @model_validator(mode="after")
+    def _check_csi(self) -> Config:
+        if self.csi is None or self.csi_socket is None:
             return self
-        name = self.csi.driver_name
-        for socket in (f"plugins/{name}/csi.sock", f"plugins_registry/{name}-reg.sock"):
-            if bound_path_length(self.kubelet_dir / socket) > MAX_SOCKET_PATH:
+        if self.csi.mode is Mode.CONTROLLER and self.device_plugins:
+            raise ValueError(
+                "devicePlugins: csi.mode: controller serves only the cluster's side of volume "
+                "expansion; device plugins and DRA drivers run in the nodes' daemons"
+            )
+        field = "csi.endpoint" if self.csi.endpoint else "csi.driverName"
+        sockets = [(field, self.csi_socket)]
+        if self.csi.mode is Mode.NODE:
+            registration = f"{PLUGIN_REGISTRY_SUBDIR}/{self.csi.driver_name}-reg.sock"
+            sockets.append(("csi.driverName", self.kubelet_dir / registration))
+        for field, socket in sockets:
+            if bound_path_length(socket) > MAX_SOCKET_PATH:
                 raise ValueError(
-                    f"csi.driverName: {socket!r} below kubeletDir would exceed the "
-                    f"{MAX_SOCKET_PATH}-byte Unix socket limit"
+                    f"{field}: {str(socket)!r} would exceed the {MAX_SOCKET_PATH}-byte Unix "
+                    "socket limit"
                 )
         return self
 
@@ -445,7 +463,8 @@ def _shape_problem(text: str) -> str | None:
     return None
 
 
-def load(path: Path) -> Config:
+def load(path: Path, csi_mode: Mode | None = None) -> Config:
+    """The config in the file; csi_mode: the CSI mode a command serves (`nodeplug controller`)."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
@@ -457,7 +476,21 @@ def load(path: Path) -> Config:
         data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as error:
         raise ConfigError(str(path), [f"not valid YAML: {error}"]) from None
+    if csi_mode is not None:
+        data = _with_csi_mode(data, csi_mode, str(path))
     return parse(data, str(path))
+
+
+def _with_csi_mode(data: object, mode: Mode, source: str) -> object:
+    if not isinstance(data, dict) or not isinstance(data.get("csi"), dict):
+        raise ConfigError(source, [f"csi: required to serve csi.mode {mode}"])
+    section = data["csi"]
+    if section.get("mode", mode) != mode:
+        raise ConfigError(
+            source,
+            [f"csi.mode: {section['mode']!r}, but this command serves {mode}: remove it"],
+        )
+    return {**data, "csi": {**section, "mode": str(mode)}}
 
 
 def create_backends(

@@ -56,13 +56,15 @@ def describe(config: Config) -> list[str]:
         lines.append("CSI driver          off")
     else:
         csi = config.csi
-        lines.append(f"CSI driver          {csi.driver_name} on node {csi.node_id}")
-        lines.append(
-            f"    socket            {config.kubelet_dir / 'plugins' / csi.driver_name / 'csi.sock'}"
-        )
-        lines.append(
-            f"    pool              {csi.pool.model_dump(by_alias=True, exclude_none=True)}"
-        )
+        if csi.pool is None:
+            lines.append(f"CSI driver          {csi.driver_name}, expansion controller only")
+        else:
+            lines.append(f"CSI driver          {csi.driver_name} on node {csi.node_id}")
+        lines.append(f"    mode              {csi.mode}")
+        lines.append(f"    socket            {config.csi_socket}")
+        if csi.pool is not None:
+            pool = csi.pool.model_dump(by_alias=True, exclude_none=True)
+            lines.append(f"    pool              {pool}")
     return lines
 
 
