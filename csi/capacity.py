@@ -11,6 +11,8 @@ GiB = 1024**3
 ALIGNMENT = MiB
 MINIMUM = MiB
 DEFAULT = GiB
+# The largest whole-MiB size that capacity_bytes (an int64) can carry.
+MAXIMUM = (2**63 - 1) // ALIGNMENT * ALIGNMENT
 
 
 def _round_up(value: int) -> int:
@@ -40,6 +42,16 @@ def size_for(
                 f"{field}: no size in whole MiB of at least {max(required, minimum)} bytes "
                 f"fits below limit_bytes {limit}"
             )
+    if size > MAXIMUM:
+        raise OutOfRangeError(f"{field}: no volume can hold {size} bytes (at most {MAXIMUM})")
+    return size
+
+
+def expansion_size(capacity_range: csi_pb2.CapacityRange, field: str = "capacity_range") -> int:
+    """The size an expansion grows a volume to: what size_for gives, asked with required_bytes."""
+    size = size_for(capacity_range, field=field)
+    if capacity_range.required_bytes == 0:
+        raise InvalidArgumentError(f"{field}.required_bytes: required (the size to grow to)")
     return size
 
 

@@ -3,7 +3,10 @@
 csi:
   driverName: local.csi.nodeplug.io
   nodeId: node-1                 # defaults to $NODE_NAME, else the host name
-  pool:
+  mode: node                     # or controller: only ControllerExpandVolume, for csi-resizer
+  endpoint: /csi/csi.sock        # the CSI socket; required in controller mode (node mode:
+                                 #   <kubeletDir>/plugins/<driverName>/csi.sock by default)
+  pool:                          # node mode only (required there)
     path: /var/lib/nodeplug/pool        # a mounted btrfs filesystem, or
     image: /var/lib/nodeplug/pool.img   # a btrfs image the daemon creates and loop-mounts at path
     size: 20Gi                          # with image: its size
@@ -14,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+from enum import StrEnum
 from pathlib import Path
 from typing import ClassVar, Self
 
@@ -120,10 +124,38 @@ class PoolConfig(_Section, frozen=True):
                 )
 
 
-class CsiConfig(_Section, frozen=True, kw_only=True):
+class Mode(StrEnum):
+    """What the driver serves: a node's volumes, or the cluster-wide half of expansion."""
+
+    NODE = "node"
+    # Identity and ControllerExpandVolume only, for a csi-resizer Deployment: volumes are
+    # local, so the controller side of an expansion checks the request and leaves the
+    # work to NodeExpandVolume on the volume's node.
+    CONTROLLER = "controller"
+
+
+class CsiConfig(_Section, frozen=True):
     driver_name: DriverName
     node_id: NodeId = msgspec.field(default_factory=lambda: NodeId(_default_node_id()))
-    pool: PoolConfig
+    mode: Mode = Mode.NODE
+    endpoint: Path | None = None
+    pool: PoolConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode is Mode.NODE and self.pool is None:
+            raise ValueError("pool: required field is missing (mode: node serves volumes)")
+        problems = []
+        if self.mode is Mode.CONTROLLER and self.pool is not None:
+            problems.append(
+                "pool: not used with mode: controller, which touches no storage (the nodes' "
+                "daemons grow volumes); remove it"
+            )
+        if self.mode is Mode.CONTROLLER and self.endpoint is None:
+            problems.append(
+                "endpoint: required with mode: controller (the socket csi-resizer dials)"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
 
     @property
     def topology_key(self) -> str:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, TypeVar
 import grpc
 from google.protobuf import timestamp_pb2, wrappers_pb2
 
-from csi import capacity, validation
+from csi import capacity, expansion, validation
 from csi.errors import (
     AbortedError,
     AlreadyExistsError,
@@ -207,7 +207,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
                             "more than limit_bytes"
                         )
                     size = source_size
-                await self._check_space(size)
+                await self.driver.check_space(size, size)
                 record = VolumeRecord(
                     id=validation.new_id(validation.VOLUME_PREFIX),
                     name=name,
@@ -229,13 +229,6 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
                 )
         await self.driver.operations.settled(key, record, f"volume {quoted(name)}")
         return csi_pb2.CreateVolumeResponse(volume=self._response_volume(record))
-
-    async def _check_space(self, size: int) -> None:
-        if size > await self.driver.pool.total_bytes():
-            raise OutOfRangeError(f"capacity_range: {size} bytes is more than the whole pool")
-        free = await self.driver.pool.free_bytes()
-        if size > free:
-            raise ResourceExhaustedError(f"the pool has {free} bytes free, {size} were asked for")
 
     async def _provision(self, record: VolumeRecord) -> None:
         """Create the volume's subvolume (empty, or a snapshot of its source), recorded."""
@@ -307,11 +300,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
     async def ValidateVolumeCapabilities(
         self, request: csi_pb2.ValidateVolumeCapabilitiesRequest, context: Context
     ) -> csi_pb2.ValidateVolumeCapabilitiesResponse:
-        validation.required(request, "volume_id", "volume_capabilities")
-        # Malformed capabilities are a bad request; unsupported ones an unconfirmed answer.
-        for index, item in enumerate(request.volume_capabilities):
-            validation.well_formed(item, f"volume_capabilities[{index}]")
-        volume_id = validation.object_id(request.volume_id, validation.VOLUME_PREFIX, "volume_id")
+        volume_id = validation.validation_request(request)
         record = self.driver.volume(volume_id)
         try:
             block = validation.capabilities(list(request.volume_capabilities))
@@ -380,19 +369,16 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
     async def ControllerExpandVolume(
         self, request: csi_pb2.ControllerExpandVolumeRequest, context: Context
     ) -> csi_pb2.ControllerExpandVolumeResponse:
-        validation.required(request, "volume_id", "capacity_range")
-        size = capacity.size_for(request.capacity_range)
-        volume_id = validation.object_id(request.volume_id, validation.VOLUME_PREFIX, "volume_id")
+        volume_id, _ = expansion.checked(request)
         with self.driver.locks.hold(volume_key(volume_id)):
             record = self.driver.volume(volume_id)
-            if size > record.capacity:
-                await self._check_space(size - record.capacity)
-                if record.block:
-                    await self.driver.pool.grow_disk(volume_id, size)
-                else:
-                    await self.driver.pool.set_limit(self.driver.pool.volume_path(volume_id), size)
-                record.capacity = size
-                await self.driver.store.save()
+            if request.HasField("volume_capability"):
+                validation.access_type(
+                    request.volume_capability, record.block, volume_id, "volume_capability"
+                )
+            # This node holds the volume (a one-node cluster's resizer talks to it): grow it
+            # now. NodeExpandVolume, asked for the same size, then finds it done.
+            await self.driver.expand(record, request.capacity_range)
         # A block volume's loop device must see the new size: that is node work.
         return csi_pb2.ControllerExpandVolumeResponse(
             capacity_bytes=record.capacity, node_expansion_required=record.block

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import grpc
 
+from csi import capacity
 from csi.config import CsiConfig
 from csi.controller import ControllerServicer
-from csi.errors import NotFoundError
+from csi.errors import NotFoundError, OutOfRangeError, ResourceExhaustedError
 from csi.groupcontroller import GroupControllerServicer
 from csi.identity import IdentityServicer
 from csi.locks import OperationLocks
@@ -33,6 +34,8 @@ class CsiDriver:
         self.config = config
         # Staging and target paths from requests must be inside this directory.
         self.kubelet_dir = kubelet_dir
+        if config.pool is None:
+            raise ValueError("a node's CSI driver needs csi.pool")
         self.pool = Pool(config.pool)
         self.store = StateStore(state_dir)
         self.locks = OperationLocks()
@@ -53,6 +56,41 @@ class CsiDriver:
         if record is None or record.status is not Status.READY:
             raise NotFoundError(f"volume {volume_id} does not exist")
         return record
+
+    async def check_space(self, size: int, needed: int) -> None:
+        """OUT_OF_RANGE if the pool could never hold `size` bytes; RESOURCE_EXHAUSTED if
+        `needed` more bytes are not free now."""
+        if size > await self.pool.total_bytes():
+            raise OutOfRangeError(f"capacity_range: {size} bytes is more than the whole pool")
+        free = await self.pool.free_bytes()
+        if needed > free:
+            raise ResourceExhaustedError(f"the pool has {free} bytes free, {needed} were asked for")
+
+    async def expand(self, volume: VolumeRecord, capacity_range: csi_pb2.CapacityRange) -> None:
+        """Grow the volume to what capacity_range asks for and record it durably.
+
+        The caller holds the volume's lock. A volume already as large as required_bytes
+        is left as it is (the spec: reply OK); a limit_bytes below its size would mean
+        shrinking it, which would cut off the data at its end: OUT_OF_RANGE. Storage
+        grows before the record does, so a crash in between leaves a volume larger than
+        recorded, which the CO's retry records.
+        """
+        size = capacity.expansion_size(capacity_range)
+        limit = capacity_range.limit_bytes
+        if limit and limit < volume.capacity:
+            raise OutOfRangeError(
+                f"capacity_range: limit_bytes {limit} is below the volume's {volume.capacity} "
+                "bytes, and volumes do not shrink"
+            )
+        if capacity_range.required_bytes <= volume.capacity:
+            return
+        await self.check_space(size, size - volume.capacity)
+        if volume.block:
+            await self.pool.grow_disk(volume.id, size)
+        else:
+            await self.pool.set_limit(self.pool.volume_path(volume.id), size)
+        volume.capacity = size
+        await self.store.save()
 
     async def start(self) -> None:
         """Open the pool, load the state and make it match reality (after any crash)."""

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import grpc
 from google.protobuf import wrappers_pb2
 
+from csi.config import CsiConfig
 from csi.errors import rpc
 from csi.v1 import csi_pb2, csi_pb2_grpc
-
-if TYPE_CHECKING:
-    from csi.driver import CsiDriver
 
 Service = csi_pb2.PluginCapability.Service
 Expansion = csi_pb2.PluginCapability.VolumeExpansion
@@ -45,16 +44,34 @@ def vendor_version() -> str:
         return "0+unknown"
 
 
-class IdentityServicer(csi_pb2_grpc.IdentityServicer):
-    CAPABILITIES = (
-        csi_pb2.PluginCapability(service=Service(type=Service.CONTROLLER_SERVICE)),
-        csi_pb2.PluginCapability(service=Service(type=Service.VOLUME_ACCESSIBILITY_CONSTRAINTS)),
-        csi_pb2.PluginCapability(service=Service(type=Service.GROUP_CONTROLLER_SERVICE)),
-        csi_pb2.PluginCapability(volume_expansion=Expansion(type=Expansion.ONLINE)),
-    )
+# ONLINE: volumes grow while published (a qgroup limit, a loop device's capacity).
+ONLINE_EXPANSION = csi_pb2.PluginCapability(volume_expansion=Expansion(type=Expansion.ONLINE))
+NODE_CAPABILITIES = (
+    csi_pb2.PluginCapability(service=Service(type=Service.CONTROLLER_SERVICE)),
+    csi_pb2.PluginCapability(service=Service(type=Service.VOLUME_ACCESSIBILITY_CONSTRAINTS)),
+    csi_pb2.PluginCapability(service=Service(type=Service.GROUP_CONTROLLER_SERVICE)),
+    ONLINE_EXPANSION,
+)
 
-    def __init__(self, driver: CsiDriver) -> None:
+
+class Served(Protocol):
+    """What Identity tells about a driver: its name, and whether it is ready."""
+
+    @property
+    def config(self) -> CsiConfig: ...
+
+    @property
+    def ready(self) -> bool: ...
+
+
+class IdentityServicer(csi_pb2_grpc.IdentityServicer):
+    def __init__(
+        self,
+        driver: Served,
+        capabilities: Sequence[csi_pb2.PluginCapability] = NODE_CAPABILITIES,
+    ) -> None:
         self.driver = driver
+        self.capabilities = capabilities
 
     @rpc
     async def GetPluginInfo(
@@ -68,7 +85,7 @@ class IdentityServicer(csi_pb2_grpc.IdentityServicer):
     async def GetPluginCapabilities(
         self, request: csi_pb2.GetPluginCapabilitiesRequest, context: Context
     ) -> csi_pb2.GetPluginCapabilitiesResponse:
-        return csi_pb2.GetPluginCapabilitiesResponse(capabilities=self.CAPABILITIES)
+        return csi_pb2.GetPluginCapabilitiesResponse(capabilities=self.capabilities)
 
     @rpc
     async def Probe(self, request: csi_pb2.ProbeRequest, context: Context) -> csi_pb2.ProbeResponse:

@@ -22,9 +22,7 @@ from csi.controller import volume_key
 from csi.errors import (
     AlreadyExistsError,
     FailedPreconditionError,
-    InvalidArgumentError,
     NotFoundError,
-    OutOfRangeError,
     quoted,
     rpc,
 )
@@ -68,10 +66,8 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         return validation.request_path(value, self.driver.kubelet_dir, field)
 
     @staticmethod
-    def _access_type(request_capability: csi_pb2.VolumeCapability, volume: VolumeRecord) -> None:
-        if (request_capability.WhichOneof("access_type") == "block") != volume.block:
-            kind = "block" if volume.block else "filesystem"
-            raise InvalidArgumentError(f"volume_capability: volume {volume.id} is a {kind} volume")
+    def _access_type(capability: csi_pb2.VolumeCapability, volume: VolumeRecord) -> None:
+        validation.access_type(capability, volume.block, volume.id, "volume_capability")
 
     # --- stage ----------------------------------------------------------------------------
 
@@ -381,18 +377,26 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
     async def NodeExpandVolume(
         self, request: csi_pb2.NodeExpandVolumeRequest, context: Context
     ) -> csi_pb2.NodeExpandVolumeResponse:
+        """Grow the volume to capacity_range, whether or not a ControllerExpandVolume did.
+
+        On a cluster the controller side runs elsewhere and touches nothing (csi.expansion),
+        so the size the kubelet sends here (the PV's new capacity) is the truth. The kubelet
+        calls this with volume_path = the publish target (filesystem, after NodePublish or
+        online), the staging path (kubelets that expand right after NodeStage), or the
+        block publish path; each names a staging or publication of ours.
+        """
         validation.required(request, "volume_id", "volume_path")
+        if request.HasField("volume_capability"):
+            validation.capability(request.volume_capability, "volume_capability")
         with self.driver.locks.hold(volume_key(request.volume_id)):
             volume, _ = self._volume_at(request)
-            wanted = (
-                request.capacity_range.required_bytes if request.HasField("capacity_range") else 0
-            )
-            if wanted > volume.capacity:
-                raise OutOfRangeError(
-                    f"capacity_range: {wanted} bytes is more than the volume's {volume.capacity}; "
-                    "ControllerExpandVolume first"
-                )
+            if request.HasField("volume_capability"):
+                self._access_type(request.volume_capability, volume)
+            if request.HasField("capacity_range"):
+                await self.driver.expand(volume, request.capacity_range)
             if volume.block:
+                # A loop device keeps the size its file had when it was attached until told;
+                # done on every call, so a retry after a crash in between still does it.
                 for device in await self.driver.pool.loop_devices(
                     self.driver.pool.disk_path(volume.id)
                 ):

@@ -152,6 +152,15 @@ def capability(capability: csi_pb2.VolumeCapability, field: str) -> None:
             )
 
 
+def access_type(
+    capability: csi_pb2.VolumeCapability, block: bool, volume_id: str, field: str
+) -> None:
+    """Raise InvalidArgumentError unless the capability's access type is the volume's."""
+    if (capability.WhichOneof("access_type") == "block") != block:
+        kind = "block" if block else "filesystem"
+        raise InvalidArgumentError(f"{field}: volume {volume_id} is a {kind} volume")
+
+
 def capabilities(items: list[csi_pb2.VolumeCapability], field: str = "volume_capabilities") -> bool:
     """Check every capability; return True if the volume is a block volume.
 
@@ -165,6 +174,17 @@ def capabilities(items: list[csi_pb2.VolumeCapability], field: str = "volume_cap
     if len(kinds) > 1:
         raise InvalidArgumentError(f"{field}: a volume is either block or mount, not both")
     return kinds == {"block"}
+
+
+def validation_request(request: csi_pb2.ValidateVolumeCapabilitiesRequest) -> str:
+    """The volume id of a well-formed ValidateVolumeCapabilities request.
+
+    Malformed capabilities are a bad request; unsupported ones get an unconfirmed answer.
+    """
+    required(request, "volume_id", "volume_capabilities")
+    for index, item in enumerate(request.volume_capabilities):
+        well_formed(item, f"volume_capabilities[{index}]")
+    return object_id(request.volume_id, VOLUME_PREFIX, "volume_id")
 
 
 def object_id_problem(value: str) -> str | None:

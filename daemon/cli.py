@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from csi.config import Mode as CsiMode
 from daemon import config as configuration
 from daemon import logs
 
@@ -44,6 +45,14 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="serve the kubelet plugins of a config")
     run.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="YAML config file")
     add_logging(run, "info")
+
+    controller = commands.add_parser(
+        "controller",
+        help="serve the CSI driver's cluster-wide expansion controller (`run` with csi.mode: "
+        "controller), for csi-resizer",
+    )
+    controller.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="YAML config file")
+    add_logging(controller, "info")
 
     sandbox = commands.add_parser(
         "sandbox",
@@ -82,10 +91,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(path: Path) -> tuple[configuration.Config, dict[str, Backend]] | None:
+def _load(
+    path: Path, csi_mode: CsiMode | None = None
+) -> tuple[configuration.Config, dict[str, Backend]] | None:
     """The config and its backends, or None after printing why the config is refused."""
     try:
-        config = configuration.load(path)
+        config = configuration.load(path, csi_mode)
         return config, configuration.create_backends(config, str(path))
     except configuration.ConfigError as error:
         print(error.report(), file=sys.stderr)
@@ -109,11 +120,12 @@ async def _serve(daemon: Daemon, reloader: ConfigReloader) -> None:
 # node, and its memory is what it imports (the sandbox and doctor are not for it).
 
 
-def run(config_path: Path) -> int:
+def run(config_path: Path, csi_mode: CsiMode | None = None) -> int:
+    """`nodeplug run`; csi_mode: what the config's csi.mode must be (`nodeplug controller`)."""
     from daemon.reload import ConfigReloader  # noqa: PLC0415
     from daemon.supervisor import Daemon  # noqa: PLC0415
 
-    if (loaded := _load(config_path)) is None:
+    if (loaded := _load(config_path, csi_mode)) is None:
         return EXIT_BAD_CONFIG
     config, backends = loaded
     # Modules, classes and the config live as long as the process: full collections
@@ -121,7 +133,7 @@ def run(config_path: Path) -> int:
     # tens of thousands of devices is built: 0.45 -> 0.3 s of a 60k-node start).
     gc.freeze()
     try:
-        asyncio.run(_serve(Daemon(config, backends), ConfigReloader(config_path)))
+        asyncio.run(_serve(Daemon(config, backends), ConfigReloader(config_path, csi_mode)))
     except Exception:
         log.exception("fatal error; exiting so that the node restarts the daemon")
         return EXIT_FAILED
@@ -170,7 +182,7 @@ def show_devices(config_path: Path, output: str, timeout: float) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     options = _parser().parse_args(argv)
-    serving = options.command == "run"
+    serving = options.command in {"run", "controller"}
     writer = logs.configure(options.log_format, options.log_level, background=serving)
     try:
         return _command(options)
@@ -181,6 +193,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _command(options: argparse.Namespace) -> int:
     if options.command == "run":
         return run(options.config)
+    if options.command == "controller":
+        return run(options.config, CsiMode.CONTROLLER)
     if options.command == "check-config":
         return check_config(options.config)
     if options.command == "devices":

@@ -42,7 +42,7 @@ from typing import Annotated, Any
 import msgspec
 import yaml
 
-from csi.config import CsiConfig
+from csi.config import CsiConfig, Mode
 from deviceplugin import configkit
 from deviceplugin.allocation import Policy
 from deviceplugin.backend import Backend, BackendNotFoundError, load_backend_factory
@@ -53,6 +53,7 @@ from deviceplugin.names import MAX_SOCKET_PATH, resource_name_problem
 from deviceplugin.socketdir import DEVICE_PLUGIN_PATH
 
 PLUGIN_REGISTRY_SUBDIR = "plugins_registry"
+CSI_PLUGIN_SUBDIR = "plugins"
 # The longest socket name nodeplug puts in the device-plugins directory (hashed names).
 _LONGEST_SOCKET_NAME = len("nodeplug-0123456789abcdef.sock")
 # Far beyond any real config, far below what a recursive YAML composer or validator
@@ -205,7 +206,7 @@ class Config(configkit.Section, frozen=True):
     def __post_init__(self) -> None:
         self._check_consistency()
         self._check_dra_drivers()
-        self._check_csi_socket_paths()
+        self._check_csi()
 
     @property
     def device_plugin_socket_dir(self) -> Path:
@@ -268,16 +269,33 @@ class Config(configkit.Section, frozen=True):
                         f"{MAX_SOCKET_PATH}-byte Unix socket limit",
                     )
 
-    def _check_csi_socket_paths(self) -> None:
+    @property
+    def csi_socket(self) -> Path | None:
+        """Where the CSI driver serves: csi.endpoint, else below kubeletDir (node mode)."""
         if self.csi is None:
+            return None
+        default = self.kubelet_dir / CSI_PLUGIN_SUBDIR / self.csi.driver_name / "csi.sock"
+        return self.csi.endpoint or default
+
+    def _check_csi(self) -> None:
+        if self.csi is None or self.csi_socket is None:
             return
-        name = self.csi.driver_name
-        for socket in (f"plugins/{name}/csi.sock", f"plugins_registry/{name}-reg.sock"):
-            if bound_path_length(self.kubelet_dir / socket) > MAX_SOCKET_PATH:
+        if self.csi.mode is Mode.CONTROLLER and self.device_plugins:
+            raise configkit.field_problem(
+                "devicePlugins",
+                "csi.mode: controller serves only the cluster's side of volume expansion; "
+                "device plugins and DRA drivers run in the nodes' daemons",
+            )
+        field = "csi.endpoint" if self.csi.endpoint else "csi.driverName"
+        sockets = [(field, self.csi_socket)]
+        if self.csi.mode is Mode.NODE:
+            registration = f"{PLUGIN_REGISTRY_SUBDIR}/{self.csi.driver_name}-reg.sock"
+            sockets.append(("csi.driverName", self.kubelet_dir / registration))
+        for field, socket in sockets:
+            if bound_path_length(socket) > MAX_SOCKET_PATH:
                 raise configkit.field_problem(
-                    "csi.driverName",
-                    f"{socket!r} below kubeletDir would exceed the "
-                    f"{MAX_SOCKET_PATH}-byte Unix socket limit",
+                    field,
+                    f"{str(socket)!r} would exceed the {MAX_SOCKET_PATH}-byte Unix socket limit",
                 )
 
 
@@ -412,7 +430,8 @@ def _shape_problem(text: str) -> str | None:
     return None
 
 
-def load(path: Path) -> Config:
+def load(path: Path, csi_mode: Mode | None = None) -> Config:
+    """The config in the file; csi_mode: the CSI mode a command serves (`nodeplug controller`)."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
@@ -424,7 +443,21 @@ def load(path: Path) -> Config:
         data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as error:
         raise ConfigError(str(path), [f"not valid YAML: {error}"]) from None
+    if csi_mode is not None:
+        data = _with_csi_mode(data, csi_mode, str(path))
     return parse(data, str(path))
+
+
+def _with_csi_mode(data: object, mode: Mode, source: str) -> object:
+    if not isinstance(data, dict) or not isinstance(data.get("csi"), dict):
+        raise ConfigError(source, [f"csi: required to serve csi.mode {mode}"])
+    section = data["csi"]
+    if section.get("mode", mode) != mode:
+        raise ConfigError(
+            source,
+            [f"csi.mode: {section['mode']!r}, but this command serves {mode}: remove it"],
+        )
+    return {**data, "csi": {**section, "mode": str(mode)}}
 
 
 def create_backends(

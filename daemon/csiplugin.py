@@ -1,7 +1,9 @@
 """The CSI driver as a root task: start it, serve its socket, register it with the kubelet.
 
-<kubeletDir>/plugins/<driverName>/csi.sock serves Identity, Controller and Node;
-the plugin watcher learns about it through <kubeletDir>/plugins_registry/.
+Node mode (CsiPlugin): <kubeletDir>/plugins/<driverName>/csi.sock (or csi.endpoint)
+serves Identity, Controller and Node; the plugin watcher learns about it through
+<kubeletDir>/plugins_registry/. Controller mode (CsiControllerPlugin): csi.endpoint
+serves Identity and ControllerExpandVolume for csi-resizer, and nothing registers.
 The socket is served only after the driver has reconciled its state, so the
 kubelet never talks to a driver that is still recovering from a crash. A driver
 that cannot start until an admin acts (an unreadable state file, an unsafe
@@ -21,23 +23,31 @@ from pathlib import Path
 from csi.config import CsiConfig
 from csi.driver import CsiDriver
 from csi.errors import SetupError
+from csi.expansion import ExpansionDriver
 from csi.state import Status
+from daemon.config import CSI_PLUGIN_SUBDIR
 from daemon.metrics import Family, GaugeFamily
 from daemon.pluginwatcher import CSI_PLUGIN, CSI_VERSIONS, PluginInfo, PluginWatcherRegistration
 from deviceplugin.plugin import SocketServing
 
 log = logging.getLogger(__name__)
 
-CSI_PLUGIN_SUBDIR = "plugins"
+__all__ = ["CSI_PLUGIN_SUBDIR", "SHUTDOWN_GRACE", "CsiControllerPlugin", "CsiPlugin"]
+
 SHUTDOWN_GRACE = 2.0
 
 
 class CsiPlugin:
     def __init__(
-        self, config: CsiConfig, kubelet_dir: Path, state_dir: Path, sockets: SocketServing
+        self,
+        config: CsiConfig,
+        socket_path: Path,
+        kubelet_dir: Path,
+        state_dir: Path,
+        sockets: SocketServing,
     ) -> None:
         self.driver = CsiDriver(config, kubelet_dir, state_dir)
-        self.socket_path = kubelet_dir / CSI_PLUGIN_SUBDIR / config.driver_name / "csi.sock"
+        self.socket_path = socket_path
         info = PluginInfo(CSI_PLUGIN, config.driver_name, str(self.socket_path), CSI_VERSIONS)
         self.registration = PluginWatcherRegistration(info, kubelet_dir, sockets)
         self._sockets = sockets
@@ -48,6 +58,10 @@ class CsiPlugin:
     @property
     def ready(self) -> bool:
         return self.driver.ready and self.registration.registered
+
+    def sockets(self) -> list[Path]:
+        """The sockets it serves now (for the liveness check)."""
+        return [self.socket_path, self.registration.socket_path] if self.driver.ready else []
 
     def metrics(self) -> Iterable[Family]:
         """Volumes, snapshots and pool space, read at scrape time."""
@@ -87,3 +101,32 @@ class CsiPlugin:
         finally:
             await self._sockets.stop(server, self.socket_path, SHUTDOWN_GRACE)
             await self.driver.stop()
+
+
+class CsiControllerPlugin:
+    """csi.mode: controller: the driver's expansion controller on csi.endpoint, for the
+    csi-resizer beside it; no pool, no state, no kubelet."""
+
+    def __init__(self, config: CsiConfig, socket_path: Path, sockets: SocketServing) -> None:
+        self.driver = ExpansionDriver(config)
+        self.socket_path = socket_path
+        self._sockets = sockets
+        self.problem: str | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.driver.ready
+
+    def sockets(self) -> list[Path]:
+        return [self.socket_path] if self.driver.ready else []
+
+    def metrics(self) -> Iterable[Family]:
+        return ()
+
+    async def run(self) -> None:
+        server = await self._sockets.serve(self.socket_path, self.driver.add_services)
+        try:
+            await self.driver.start()
+            await asyncio.Event().wait()  # until the unit is stopped
+        finally:
+            await self._sockets.stop(server, self.socket_path, SHUTDOWN_GRACE)

@@ -57,14 +57,16 @@ def describe(config: Config) -> list[str]:
         lines.append("CSI driver          off")
     else:
         csi = config.csi
-        lines.append(f"CSI driver          {csi.driver_name} on node {csi.node_id}")
-        lines.append(
-            f"    socket            {config.kubelet_dir / 'plugins' / csi.driver_name / 'csi.sock'}"
-        )
-        pool = {
-            key: value for key, value in configkit.dumped(csi.pool).items() if value is not None
-        }
-        lines.append(f"    pool              {pool}")
+        if csi.pool is None:
+            lines.append(f"CSI driver          {csi.driver_name}, expansion controller only")
+        else:
+            lines.append(f"CSI driver          {csi.driver_name} on node {csi.node_id}")
+        lines.append(f"    mode              {csi.mode}")
+        lines.append(f"    socket            {config.csi_socket}")
+        if csi.pool is not None:
+            dumped = configkit.dumped(csi.pool).items()
+            pool = {key: value for key, value in dumped if value is not None}
+            lines.append(f"    pool              {pool}")
     return lines
 
 

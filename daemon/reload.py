@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from asyncinotify import Inotify, Mask
 
+from csi.config import Mode as CsiMode
 from daemon import config as configuration
 
 if TYPE_CHECKING:
@@ -30,8 +31,10 @@ _SETTLE_SECONDS = 0.1
 
 
 class ConfigReloader:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, csi_mode: CsiMode | None = None) -> None:
         self.path = path
+        # The CSI mode the command serves (`nodeplug controller`): every reload keeps it.
+        self.csi_mode = csi_mode
         self._requested = asyncio.Event()
         # One reload at a time: two applying at once would stop the same units twice.
         self._reloading = asyncio.Lock()
@@ -57,7 +60,7 @@ class ConfigReloader:
     async def _reload(self, daemon: Daemon) -> str:
         source = str(self.path)
         try:
-            config = configuration.load(self.path)
+            config = configuration.load(self.path, self.csi_mode)
             if config == daemon.config:
                 backends = None
             else:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import grpc
 from grpc_health.v1 import health_pb2
 
+from csi.config import Mode as CsiMode
 from daemon.config import Config, DevicePluginSpec, Registration
 from daemon.http import StatusServer
 from daemon.metrics import Metrics
@@ -42,7 +43,7 @@ from deviceplugin.socketdir import SocketDirWatcher
 from deviceplugin.state import DeviceState
 
 if TYPE_CHECKING:
-    from daemon.csiplugin import CsiPlugin
+    from daemon.csiplugin import CsiControllerPlugin, CsiPlugin
     from daemon.draplugin import DraPlugin
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ class Daemon:
         self.sockets = sockets or UnixSockets(self.metrics.server)
         self.plugins: dict[str, ResourcePlugin] = {}
         self.dra: dict[str, DraPlugin] = {}
-        self.csi: CsiPlugin | None = None
+        self.csi: CsiPlugin | CsiControllerPlugin | None = None
         self.watcher: SocketDirWatcher | None = None
         self.node_features: NodeFeatureFile | None = None
         self.status_server: StatusServer | None = None
@@ -134,8 +135,8 @@ class Daemon:
         # readiness's business (not registered), not a liveness failure.
         sockets = [p.socket_path for p in self.plugins.values() if p.serving]
         sockets += [p.driver.socket_path for p in self.dra.values() if p.driver.serving.is_set()]
-        if self.csi is not None and self.csi.driver.ready:
-            sockets += [self.csi.socket_path, self.csi.registration.socket_path]
+        if self.csi is not None:
+            sockets += self.csi.sockets()
         return sockets
 
     async def health(self) -> dict[str, str | None]:
@@ -215,7 +216,11 @@ class Daemon:
         for key, changed in (
             (_CSI, base_changed or old.csi != config.csi),
             (_HTTP, old.http != config.http),
-            (_NFD, old.node_features != config.node_features),
+            (
+                _NFD,
+                old.node_features != config.node_features
+                or _serves_a_node(old) != _serves_a_node(config),
+            ),
         ):
             if changed and key in self._units:
                 await self._stop(key)
@@ -243,10 +248,13 @@ class Daemon:
             await asyncio.to_thread(
                 remove_stale_specs, config.cdi.dir, [w.path for w in writers.values()]
             )
-        if config.node_features.file is not None and _NFD not in self._units:
-            self.node_features = NodeFeatureFile(config.node_features.file, self._features)
+        # The node feature file labels the node it is on: a controller-mode daemon runs in
+        # a Deployment and says nothing about its node.
+        node_features = config.node_features.file if _serves_a_node(config) else None
+        if node_features is not None and _NFD not in self._units:
+            self.node_features = NodeFeatureFile(node_features, self._features)
             started.append(self._start(_NFD, config.node_features, self.node_features.run()))
-        elif config.node_features.file is None:
+        elif node_features is None:
             self.node_features = None
         if config.device_plugins and _WATCHER not in self._units:
             if self.watcher is not None:
@@ -271,16 +279,24 @@ class Daemon:
             key = _plugin_key(spec.resource_name)
             started.append(self._start(key, _unit_spec(config, spec), work))
         if config.csi is not None and _CSI not in self._units:
-            # The CSI services and their protos: only daemons serving CSI pay for them.
-            from daemon.csiplugin import CsiPlugin  # noqa: PLC0415
-
-            self.csi = CsiPlugin(config.csi, config.kubelet_dir, config.state_dir, self.sockets)
+            self.csi = self._csi_plugin(config)
             started.append(self._start(_CSI, config.csi, self.csi.run()))
         if config.http.address is not None and _HTTP not in self._units:
             self.status_server = StatusServer(self, config.http.address)
             started.append(self._start(_HTTP, config.http, self.status_server.run()))
         self._features_changed()
         return started
+
+    def _csi_plugin(self, config: Config) -> CsiPlugin | CsiControllerPlugin:
+        # The CSI services and their protos: only daemons serving CSI pay for them.
+        from daemon.csiplugin import CsiControllerPlugin, CsiPlugin  # noqa: PLC0415
+
+        assert config.csi is not None and config.csi_socket is not None
+        if config.csi.mode is CsiMode.CONTROLLER:
+            return CsiControllerPlugin(config.csi, config.csi_socket, self.sockets)
+        return CsiPlugin(
+            config.csi, config.csi_socket, config.kubelet_dir, config.state_dir, self.sockets
+        )
 
     def _device_plugin(
         self,
@@ -374,6 +390,10 @@ class Daemon:
     def _features_changed(self) -> None:
         if self.node_features is not None:
             self.node_features.changed()
+
+
+def _serves_a_node(config: Config) -> bool:
+    return config.csi is None or config.csi.mode is CsiMode.NODE
 
 
 def _by_resource(config: Config, backends: Backends) -> dict[str, Backend]:

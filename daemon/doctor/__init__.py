@@ -14,6 +14,7 @@ import json
 import sys
 from pathlib import Path
 
+from csi.config import Mode
 from daemon import config as configuration
 from daemon.doctor import credentials, devices, kubelet, storage
 from daemon.doctor.report import Report
@@ -40,6 +41,11 @@ def examine(config_path: Path, host: Host | None = None) -> Report:
             f"nodeplug check-config {config_path}; the checks below use the defaults",
         )
         config = configuration.Config()
+    if config.csi is not None and config.csi.mode is Mode.CONTROLLER:
+        # `nodeplug controller` runs in a Deployment: no kubelet, storage, devices or
+        # credential provider of its node are its business.
+        storage.check(report, config, host)
+        return report
     found = kubelet.check(report, config, host)
     storage.check(report, config, host)
     devices.check(report, config, str(config_path), host)

@@ -6,7 +6,7 @@ import os
 import stat
 from pathlib import Path
 
-from csi.config import CsiConfig
+from csi.config import PoolConfig
 from daemon import hostprobe, mountinfo
 from daemon.config import Config
 from daemon.doctor.report import Report, Section
@@ -27,19 +27,27 @@ def check(report: Report, config: Config, host: Host) -> None:
         section.skip("driver", "off (no csi: section in the config)")
         return
     csi = config.csi
+    if csi.pool is None:
+        section.skip(
+            "driver",
+            f"csi.mode: {csi.mode} serves expansion requests on {config.csi_socket} and "
+            "needs no storage here",
+        )
+        return
+    pool = csi.pool
     finding = hostprobe.btrfs(host)
     _add(section, "btrfs", finding)
     # A pool image needs a loop device; otherwise only block volumes do.
     finding = hostprobe.loop_devices(host)
-    if finding.ok or csi.pool.image is not None:
+    if finding.ok or pool.image is not None:
         _add(section, "loop devices", finding)
     else:
         section.warn(
             "loop devices", finding.detail + ": block volumes cannot stage", finding.remedy
         )
     mounts = mountinfo.read(host.mountinfo)
-    _check_pool(section, csi, mounts, host)
-    _check_modes(section, csi, config.state_dir)
+    _check_pool(section, pool, mounts, host)
+    _check_modes(section, pool, config.state_dir)
     _check_propagation(section, config.kubelet_dir, mounts)
 
 
@@ -51,9 +59,8 @@ def _add(section: Section, name: str, finding: hostprobe.Finding) -> None:
 
 
 def _check_pool(
-    section: Section, csi: CsiConfig, mounts: list[mountinfo.Mount], host: Host
+    section: Section, pool: PoolConfig, mounts: list[mountinfo.Mount], host: Host
 ) -> None:
-    pool = csi.pool
     mount = next((m for m in reversed(mounts) if m.mount_point == pool.path), None)
     if mount is None:
         if pool.image is None:
@@ -125,17 +132,17 @@ def _mode_problem(path: Path, private: bool) -> str | None:
     return f"{path} is {mode:04o}"
 
 
-def _check_modes(section: Section, csi: CsiConfig, state_dir: Path) -> None:
+def _check_modes(section: Section, pool: PoolConfig, state_dir: Path) -> None:
     # DESIGN: files holding data or state 0600, their directories 0700.
     candidates = [
-        (csi.pool.path, True),
-        (csi.pool.path / "volumes", True),
-        (csi.pool.path / "snapshots", True),
+        (pool.path, True),
+        (pool.path / "volumes", True),
+        (pool.path / "snapshots", True),
         (state_dir, True),
         (state_dir / "csi-state.json", True),
     ]
-    if csi.pool.image is not None:
-        candidates.append((csi.pool.image, True))
+    if pool.image is not None:
+        candidates.append((pool.image, True))
     problems = [p for path, private in candidates if (p := _mode_problem(path, private))]
     if problems:
         section.fail(

@@ -106,7 +106,7 @@ class CsiVolumes(Demo):
 
     def _pool(self, sandbox: Sandbox) -> str:
         csi = sandbox.config.csi
-        assert csi is not None
+        assert csi is not None and csi.pool is not None
         mount = next(
             (m for m in mountinfo.read() if m.mount_point == csi.pool.path),
             None,

@@ -71,20 +71,26 @@ def daemonset() -> Document:
     return one("DaemonSet")
 
 
-def pod_spec() -> Document:
-    spec: Document = daemonset()["spec"]["template"]["spec"]
+def deployment() -> Document:
+    """The expansion controller's Deployment (controller.yaml)."""
+    return one("Deployment")
+
+
+def pod_spec(workload: Document | None = None) -> Document:
+    """The pod template of a workload: the DaemonSet unless another is given."""
+    spec: Document = (workload or daemonset())["spec"]["template"]["spec"]
     return spec
 
 
-def container(name: str) -> Document:
-    spec = pod_spec()
+def container(name: str, workload: Document | None = None) -> Document:
+    spec = pod_spec(workload)
     everything: list[Document] = spec["containers"] + spec.get("initContainers", [])
     (found,) = [c for c in everything if c["name"] == name]
     return found
 
 
-def volumes() -> dict[str, Document]:
-    return {v["name"]: v for v in pod_spec()["volumes"]}
+def volumes(workload: Document | None = None) -> dict[str, Document]:
+    return {v["name"]: v for v in pod_spec(workload)["volumes"]}
 
 
 @dataclass(frozen=True)
@@ -99,17 +105,19 @@ class Mount:
         return None if host is None else host["path"]
 
 
-def mounts(container_name: str) -> list[Mount]:
-    by_name = volumes()
+def mounts(container_name: str, workload: Document | None = None) -> list[Mount]:
+    by_name = volumes(workload)
     return [
         Mount(m["mountPath"], by_name[m["name"]], m)
-        for m in container(container_name).get("volumeMounts", [])
+        for m in container(container_name, workload).get("volumeMounts", [])
     ]
 
 
-def mount_covering(container_name: str, path: str) -> Mount:
+def mount_covering(container_name: str, path: str, workload: Document | None = None) -> Mount:
     """The mount that `path` (in the container) falls under: the deepest one."""
-    candidates = [m for m in mounts(container_name) if Path(path).is_relative_to(m.container_path)]
+    candidates = [
+        m for m in mounts(container_name, workload) if Path(path).is_relative_to(m.container_path)
+    ]
     assert candidates, f"{container_name} mounts nothing that holds {path}"
     return max(candidates, key=lambda m: len(Path(m.container_path).parts))
 
@@ -121,10 +129,10 @@ def host_path_of(container_name: str, path: str) -> str:
     return str(Path(found.host_path) / Path(path).relative_to(found.container_path))
 
 
-def flags(container_name: str) -> dict[str, str]:
+def flags(container_name: str, workload: Document | None = None) -> dict[str, str]:
     """A container's `--name=value` arguments (a bare `--name` maps to "")."""
     result = {}
-    for argument in container(container_name).get("args", []):
+    for argument in container(container_name, workload).get("args", []):
         name, _, value = argument.partition("=")
         assert name.startswith("--"), f"{container_name}: {argument!r} is not --name=value"
         result[name] = value
@@ -140,16 +148,19 @@ def field_ref(container_name: str, variable: str) -> str:
     return reference
 
 
-def daemon_config_text() -> str:
-    """The daemon's config file as the ConfigMap holds it."""
-    (config_map,) = [c for c in objects("ConfigMap") if c["metadata"]["name"] == "nodeplug-config"]
+def daemon_config_text(name: str = "nodeplug-config") -> str:
+    """A daemon's config file as its ConfigMap holds it (the nodes' unless named)."""
+    (config_map,) = [c for c in objects("ConfigMap") if c["metadata"]["name"] == name]
     text: str = config_map["data"]["config.yaml"]
     return text
 
 
-def daemon_config() -> Document:
-    document: Document = yaml.safe_load(daemon_config_text())
+def daemon_config(name: str = "nodeplug-config") -> Document:
+    document: Document = yaml.safe_load(daemon_config_text(name))
     return document
+
+
+CONTROLLER_CONFIG = "nodeplug-controller-config"
 
 
 # --- the credential provider ------------------------------------------------------------

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from credprovider.__main__ import _options
+from csi.config import Mode
 from daemon import config as daemon_config
 from daemon.cli import DEFAULT_CONFIG
 from daemon.csiplugin import CSI_PLUGIN_SUBDIR
@@ -26,6 +27,7 @@ from deviceplugin.plugin import SHUTDOWN_GRACE as DEVICE_PLUGIN_GRACE
 from tests.manifests import model
 
 SIDECARS = ("csi-provisioner", "csi-snapshotter")
+RESIZER = "csi-resizer"
 # Keys of the daemon's config that the manifests depend on, spelt out in the ConfigMap.
 DEPENDED_ON = ["kubeletDir", "devicePluginDir", "stateDir", "http.address", "cdi.dir"]
 DEPENDED_ON += ["nodeFeatures.file"]
@@ -199,9 +201,11 @@ def test_nothing_sends_parameters_the_driver_would_refuse() -> None:
 
 
 def test_volume_expansion_is_offered_only_with_a_resizer() -> None:
-    names = {c["name"] for c in model.pod_spec()["containers"]}
+    names = {c["name"] for c in model.pod_spec(model.deployment())["containers"]}
     expansion = model.one("StorageClass").get("allowVolumeExpansion", False)
     assert expansion == ("csi-resizer" in names)
+    # Never beside the nodes' daemons: one resizer per node would each expand every volume.
+    assert "csi-resizer" not in {c["name"] for c in model.pod_spec()["containers"]}
 
 
 @pytest.mark.parametrize("sidecar", SIDECARS)
@@ -232,7 +236,7 @@ def test_the_provisioner_can_find_its_capacity_owner() -> None:
     assert model.field_ref("csi-provisioner", "NAMESPACE") == "metadata.namespace"
     # Level 1 from the pod is its controller, this DaemonSet: the walk reads both.
     assert flags["--capacity-ownerref-level"] == "1"
-    (role,) = model.objects("Role")
+    role = roles()[("Role", "nodeplug-external-provisioner")]
     assert role["metadata"]["namespace"] == model.daemonset()["metadata"]["namespace"]
     assert allows(role["rules"], "", "pods", "get")
     assert allows(role["rules"], "apps", "daemonsets", "get")
@@ -255,21 +259,34 @@ def roles() -> dict[tuple[str, str], dict[str, Any]]:
     }
 
 
-def test_rbac_binds_the_pods_service_account_and_nothing_else() -> None:
+# Which workload's service account each role is for: a sidecar's rights go to its own pod.
+ROLE_HOLDERS = {
+    "nodeplug-external-provisioner": "DaemonSet",
+    "nodeplug-external-snapshotter": "DaemonSet",
+    "nodeplug-dra": "DaemonSet",
+    "nodeplug-external-resizer": "Deployment",
+}
+
+
+def test_rbac_binds_each_role_to_its_pods_service_account_and_nothing_else() -> None:
     namespace = model.daemonset()["metadata"]["namespace"]
-    account = model.pod_spec()["serviceAccountName"]
-    assert model.one("ServiceAccount")["metadata"] == model.one("ServiceAccount")["metadata"] | {
-        "name": account,
-        "namespace": namespace,
+    accounts = {
+        kind: model.pod_spec(model.one(kind))["serviceAccountName"]
+        for kind in ("DaemonSet", "Deployment")
     }
+    assert len(set(accounts.values())) == 2, "the resizer's rights are not the nodes'"
+    declared = {a["metadata"]["name"]: a["metadata"] for a in model.objects("ServiceAccount")}
+    assert set(declared) == set(accounts.values())
+    assert all(meta["namespace"] == namespace for meta in declared.values())
     bindings = model.objects("ClusterRoleBinding") + model.objects("RoleBinding")
     bound = set()
     for binding in bindings:
+        reference = (binding["roleRef"]["kind"], binding["roleRef"]["name"])
+        assert reference in roles(), f"{binding['metadata']['name']} binds a missing role"
+        account = accounts[ROLE_HOLDERS[reference[1]]]
         assert binding["subjects"] == [
             {"kind": "ServiceAccount", "name": account, "namespace": namespace}
         ]
-        reference = (binding["roleRef"]["kind"], binding["roleRef"]["name"])
-        assert reference in roles(), f"{binding['metadata']['name']} binds a missing role"
         if binding["kind"] == "RoleBinding":
             assert binding["metadata"]["namespace"] == namespace
         bound.add(reference)
@@ -296,6 +313,13 @@ def test_rbac_binds_the_pods_service_account_and_nothing_else() -> None:
             "volumesnapshotcontents/status",
             "update",
         ),
+        # external-resizer deploy/kubernetes/rbac.yaml
+        ("nodeplug-external-resizer", "", "persistentvolumes", "patch"),
+        ("nodeplug-external-resizer", "", "persistentvolumes", "watch"),
+        ("nodeplug-external-resizer", "", "persistentvolumeclaims", "watch"),
+        ("nodeplug-external-resizer", "", "persistentvolumeclaims/status", "patch"),
+        ("nodeplug-external-resizer", "", "events", "create"),
+        ("nodeplug-external-resizer", "storage.k8s.io", "volumeattributesclasses", "watch"),
     ],
 )
 def test_rbac_allows_what_the_sidecars_do(role: str, group: str, resource: str, verb: str) -> None:
@@ -361,13 +385,96 @@ def test_a_node_never_runs_two_daemons() -> None:
 
 def test_images_are_pinned() -> None:
     project = tomllib.loads((model.ROOT / "pyproject.toml").read_text())["project"]
-    spec = model.pod_spec()
-    for container in spec["containers"] + spec["initContainers"]:
-        image = container["image"]
-        if container["name"] in SIDECARS:
-            assert re.fullmatch(r"registry\.k8s\.io/sig-storage/[a-z-]+:v\d+\.\d+\.\d+", image)
-        else:
-            assert image == f"nodeplug:{project['version']}", container["name"]
+    for workload in (model.daemonset(), model.deployment()):
+        spec = model.pod_spec(workload)
+        for container in spec["containers"] + spec.get("initContainers", []):
+            image = container["image"]
+            if container["name"] in (*SIDECARS, RESIZER):
+                pattern = r"registry\.k8s\.io/sig-storage/[a-z-]+:v\d+\.\d+\.\d+"
+                assert re.fullmatch(pattern, image), container["name"]
+            else:
+                assert image == f"nodeplug:{project['version']}", container["name"]
+
+
+# --- the expansion controller (controller.yaml) ------------------------------------------------
+
+
+def controller_setting(dotted: str) -> Any:
+    return dig(model.daemon_config(model.CONTROLLER_CONFIG), dotted)
+
+
+def resizer_flags() -> dict[str, str]:
+    return model.flags(RESIZER, model.deployment())
+
+
+def test_the_controller_config_is_a_controller_for_the_nodes_driver(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(model.daemon_config_text(model.CONTROLLER_CONFIG))
+    # As `nodeplug controller` reads it, and as `nodeplug run` would.
+    for mode in (Mode.CONTROLLER, None):
+        parsed = daemon_config.load(path, mode)
+        assert parsed.csi is not None and parsed.csi.mode is Mode.CONTROLLER
+        assert parsed.csi.driver_name == driver()
+        assert parsed.node_features.file is None
+        assert not parsed.device_plugins
+
+
+def test_the_controller_runs_nodeplug_controller_with_its_mounted_config() -> None:
+    nodeplug = model.container("nodeplug", model.deployment())
+    assert nodeplug["command"] == ["nodeplug", "controller", "--config", str(DEFAULT_CONFIG)]
+    found = model.mount_covering("nodeplug", str(DEFAULT_CONFIG), model.deployment())
+    assert found.volume["configMap"]["name"] == model.CONTROLLER_CONFIG
+    assert Path(found.container_path) == DEFAULT_CONFIG.parent
+    assert "subPath" not in found.mount
+
+
+def test_the_resizer_dials_the_controllers_socket() -> None:
+    endpoint = controller_setting("csi.endpoint")
+    assert resizer_flags()["--csi-address"] == endpoint
+    served = model.mount_covering("nodeplug", endpoint, model.deployment())
+    dialled = model.mount_covering(RESIZER, endpoint, model.deployment())
+    assert served.mount["name"] == dialled.mount["name"]
+    assert served.container_path == dialled.container_path
+    assert "emptyDir" in served.volume  # the pod's own: nothing of a node
+    assert not dialled.mount.get("readOnly", False)  # connect() needs write access
+
+
+def test_the_controller_and_the_resizer_run_as_one_user() -> None:
+    # The socket is 0600, its owner's: the sidecar must be the same user to dial it.
+    spec = model.pod_spec(model.deployment())
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    for container in spec["containers"]:
+        assert "runAsUser" not in container.get("securityContext", {}), container["name"]
+
+
+def test_one_resizer_acts_at_a_time() -> None:
+    assert model.deployment()["spec"]["replicas"] == 1
+    assert resizer_flags()["--leader-election"] == "true"
+    role = roles()[("Role", "nodeplug-external-resizer")]
+    assert role["metadata"]["namespace"] == model.deployment()["metadata"]["namespace"]
+    for verb in ("get", "create", "update"):
+        assert allows(role["rules"], "coordination.k8s.io", "leases", verb)
+
+
+def test_the_resizer_watches_pods_only_if_rbac_lets_it() -> None:
+    rules = roles()[("ClusterRole", "nodeplug-external-resizer")]["rules"]
+    watches_pods = resizer_flags().get("--handle-volume-inuse-error", "true") != "false"
+    assert watches_pods == allows(rules, "", "pods", "watch")
+
+
+def test_the_resizer_timeout_is_stated_and_wide() -> None:
+    assert go_duration(resizer_flags()["--timeout"]) >= SLOWEST_CALL_SECONDS
+
+
+def test_the_controllers_probes_follow_its_http_address() -> None:
+    _, _, port = controller_setting("http.address").rpartition(":")
+    nodeplug = model.container("nodeplug", model.deployment())
+    (named,) = [p for p in nodeplug["ports"] if p["name"] == "http"]
+    assert named["containerPort"] == int(port)
+    assert nodeplug["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert nodeplug["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    for kind in ("livenessProbe", "readinessProbe"):
+        assert nodeplug[kind]["httpGet"]["port"] in {"http", int(port)}
 
 
 # --- the credential provider ------------------------------------------------------------------
