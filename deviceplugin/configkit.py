@@ -100,7 +100,12 @@ def convert(data: object, kind: type[T]) -> T:
 
 def dumped(section: msgspec.Struct) -> Any:
     """The section as plain data with its config keys, as YAML or JSON would hold it."""
-    return msgspec.to_builtins(section, enc_hook=str)
+    return msgspec.to_builtins(section, enc_hook=_plain)
+
+
+def _plain(value: object) -> object:
+    """Our field types (`Checked` strings, csi's `Bytes`) and paths, as msgspec's own."""
+    return int(value) if isinstance(value, int) else str(value)
 
 
 def field_problem(field: str, message: str) -> ValueError:

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from daemon import config as configuration
+from daemon.inspection import describe
 from deviceplugin import configkit
 from deviceplugin.allocation import Policy
 
@@ -355,6 +356,34 @@ def host_paths(value: Any, where: str = "") -> dict[str, str]:
     if isinstance(value, str) and value.startswith("/"):
         return {where: value}
     return {}
+
+
+@pytest.mark.parametrize(
+    ("csi", "expected"),
+    [
+        (
+            {"nodeId": "n1", "pool": {"path": "/p", "image": "/p.img", "size": "1Gi"}},
+            [
+                "CSI driver          x.example.com on node n1",
+                "    mode              node",
+                "    socket            /k/plugins/x.example.com/csi.sock",
+                "    pool              {'path': '/p', 'image': '/p.img', 'size': 1073741824}",
+            ],
+        ),
+        (
+            {"mode": "controller", "endpoint": "/csi/csi.sock"},
+            [
+                "CSI driver          x.example.com, expansion controller only",
+                "    mode              controller",
+                "    socket            /csi/csi.sock",
+            ],
+        ),
+    ],
+)
+def test_check_config_describes_the_csi_driver(csi: dict[str, Any], expected: list[str]) -> None:
+    data = {"kubeletDir": "/k", "csi": {"driverName": "x.example.com", **csi}}
+    lines = describe(configuration.parse(data))
+    assert lines[-len(expected) :] == expected
 
 
 def test_confined_to_puts_every_host_path_under_one_root(tmp_path: Path) -> None:

@@ -180,6 +180,23 @@ def test_checked_values_and_paths_are_kept_as_converted() -> None:
         document.some_path = Path("/q")  # type: ignore[misc]
 
 
+class Count(int):
+    @classmethod
+    def from_config(cls, value: object) -> Count:
+        return cls(int(str(value)))
+
+
+class Counted(configkit.Section, frozen=True):
+    count: Count
+
+
+def test_numbers_of_a_type_of_their_own_are_dumped_as_numbers() -> None:
+    counted = configkit.convert({"count": "12"}, Counted)
+    assert type(counted.count) is Count
+    dumped = configkit.dumped(counted)
+    assert dumped == {"count": 12} and type(dumped["count"]) is int
+
+
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
     lambda children: (
