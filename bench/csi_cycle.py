@@ -41,6 +41,7 @@ from csi.driver import CsiDriver
 from csi.errors import CommandError
 from csi.system import run
 from csi.v1 import csi_pb2, csi_pb2_grpc
+from deviceplugin import configkit
 
 MiB = 1024**2
 Mode = csi_pb2.VolumeCapability.AccessMode.Mode
@@ -258,8 +259,9 @@ async def bench(root: Path, cycles: int, clients: int) -> None:
     await run("mkfs.btrfs", "-q", str(image))
     await run("mount", "-o", "loop", str(image), str(pool))
     try:
-        config = CsiConfig.model_validate(
-            {"driverName": "bench.nodeplug.io", "pool": {"path": str(pool)}}
+        config = configkit.convert(
+            {"driverName": "bench.nodeplug.io", "pool": {"path": str(pool)}},
+            CsiConfig,
         )
         driver = CsiDriver(config, kubelet, root / "state")
         await driver.start()

@@ -19,9 +19,9 @@ import re
 import socket
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import ClassVar, Self
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+import msgspec
 
 # GetPluginInfo: domain-name notation, at most 63 characters (the spec's rule).
 _DRIVER_NAME = re.compile(r"^[a-zA-Z0-9]([a-zA-Z0-9.-]{0,61}[a-zA-Z0-9])?$")
@@ -56,21 +56,25 @@ def parse_quantity(value: object) -> int:
     return int(match.group(1)) * _UNITS[match.group(2)]
 
 
-def _absolute(path: Path) -> Path:
-    if not path.is_absolute():
-        raise ValueError(f"must be an absolute path, not {str(path)!r}")
-    if "\0" in str(path):
-        raise ValueError("must not contain NUL bytes")
-    return path
+class _Matching(str):
+    pattern: ClassVar[re.Pattern[str]]
+    what: ClassVar[str]
+
+    @classmethod
+    def from_config(cls, value: str) -> Self:
+        if cls.pattern.match(value) is None:
+            raise ValueError(f"{value!r} is not a valid {cls.what}")
+        return cls(value)
 
 
-def _matches(pattern: re.Pattern[str], what: str) -> AfterValidator:
-    def check(value: str) -> str:
-        if pattern.match(value) is None:
-            raise ValueError(f"{value!r} is not a valid {what}")
-        return value
+class DriverName(_Matching):
+    pattern = _DRIVER_NAME
+    what = "CSI driver name"
 
-    return AfterValidator(check)
+
+class NodeId(_Matching):
+    pattern = _NODE_ID
+    what = "node id"
 
 
 def _default_node_id() -> str:
@@ -79,21 +83,33 @@ def _default_node_id() -> str:
     return os.environ.get("NODE_NAME") or socket.gethostname().split(".")[0]
 
 
-AbsolutePath = Annotated[Path, AfterValidator(_absolute)]
-Bytes = Annotated[int, BeforeValidator(parse_quantity), Field(gt=0)]
+class Bytes(int):
+    """A size in bytes, given as a number or a quantity ("20Gi")."""
+
+    @classmethod
+    def from_config(cls, value: object) -> Bytes:
+        size = parse_quantity(value)
+        if size <= 0:
+            raise ValueError("Input should be greater than 0")
+        return cls(size)
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+class _Section(
+    msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True, rename="camel"
+):
+    """A mapping of the section: unknown keys refused, camelCase keys, read-only.
+
+    The daemon converts its config with deviceplugin/configkit.py, whose hook makes the
+    field types above through their `from_config` and refuses relative `Path`s.
+    """
 
 
-class PoolConfig(_Section):
-    path: AbsolutePath
-    image: AbsolutePath | None = None
+class PoolConfig(_Section, frozen=True):
+    path: Path
+    image: Path | None = None
     size: Bytes | None = None
 
-    @model_validator(mode="after")
-    def _check_image(self) -> PoolConfig:
+    def __post_init__(self) -> None:
         if self.image is None and self.size is not None:
             raise ValueError("size: only used with image (a mounted pool has its own size)")
         if self.image is not None:
@@ -106,7 +122,6 @@ class PoolConfig(_Section):
                     f"size: {self.size} bytes is more than a file can hold "
                     f"({MAX_POOL_IMAGE_SIZE} bytes)"
                 )
-        return self
 
 
 class Mode(StrEnum):
@@ -119,19 +134,14 @@ class Mode(StrEnum):
     CONTROLLER = "controller"
 
 
-class CsiConfig(_Section):
-    driver_name: Annotated[str, _matches(_DRIVER_NAME, "CSI driver name")] = Field(
-        alias="driverName"
-    )
-    node_id: Annotated[str, _matches(_NODE_ID, "node id")] = Field(
-        default_factory=_default_node_id, alias="nodeId"
-    )
+class CsiConfig(_Section, frozen=True):
+    driver_name: DriverName
+    node_id: NodeId = msgspec.field(default_factory=lambda: NodeId(_default_node_id()))
     mode: Mode = Mode.NODE
-    endpoint: AbsolutePath | None = None
+    endpoint: Path | None = None
     pool: PoolConfig | None = None
 
-    @model_validator(mode="after")
-    def _check_mode(self) -> CsiConfig:
+    def __post_init__(self) -> None:
         if self.mode is Mode.NODE and self.pool is None:
             raise ValueError("pool: required field is missing (mode: node serves volumes)")
         problems = []
@@ -146,7 +156,6 @@ class CsiConfig(_Section):
             )
         if problems:
             raise ValueError("; ".join(problems))
-        return self
 
     @property
     def topology_key(self) -> str:

@@ -32,28 +32,18 @@ csi: {...}                         # see csi/config.py
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
+import msgspec
 import yaml
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    StrictBool,
-    StrictInt,
-    StrictStr,
-    ValidationError,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
 
 from csi.config import CsiConfig, Mode
+from deviceplugin import configkit
 from deviceplugin.allocation import Policy
 from deviceplugin.backend import Backend, BackendNotFoundError, load_backend_factory
 from deviceplugin.cdi import CDI_STRATEGIES, DeviceListStrategy
@@ -87,42 +77,34 @@ class ConfigError(Exception):
         return "\n".join(lines)
 
 
-def _absolute(path: Path) -> Path:
-    if not path.is_absolute():
-        raise ValueError(f"must be an absolute path, not {str(path)!r}")
-    if "\0" in str(path):
-        raise ValueError("must not contain NUL bytes")
-    return path
-
-
-def _resource_name(name: str) -> str:
-    problem = resource_name_problem(name)
+def _valid(name: str, what: str, problem: str | None) -> str:
     if problem is not None:
-        raise ValueError(f"{name!r} is not a valid extended resource name: {problem}")
+        raise ValueError(f"{name!r} is not a valid {what}: {problem}")
     return name
 
 
-def _driver_name(name: str) -> str:
-    problem = dra_names.driver_name_problem(name)
-    if problem is not None:
-        raise ValueError(f"{name!r} is not a valid DRA driver name: it {problem}")
-    return name
+class ResourceName(configkit.Checked):
+    @classmethod
+    def check(cls, value: str) -> str:
+        return _valid(value, "extended resource name", resource_name_problem(value))
 
 
-AbsolutePath = Annotated[Path, AfterValidator(_absolute)]
+class DraDriverName(configkit.Checked):
+    @classmethod
+    def check(cls, value: str) -> str:
+        problem = dra_names.driver_name_problem(value)
+        return _valid(value, "DRA driver name", problem and f"it {problem}")
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-
-
-def _listen_address(value: str) -> str:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ValueError(f"{value!r} must be host:port, e.g. 0.0.0.0:9120 or [::]:9120")
-    if host.startswith("[") != host.endswith("]"):
-        raise ValueError(f"{value!r}: an IPv6 host goes in brackets, e.g. [::1]:9120")
-    return value
+class ListenAddress(configkit.Checked):
+    @classmethod
+    def check(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise ValueError(f"{value!r} must be host:port, e.g. 0.0.0.0:9120 or [::]:9120")
+        if host.startswith("[") != host.endswith("]"):
+            raise ValueError(f"{value!r}: an IPv6 host goes in brackets, e.g. [::1]:9120")
+        return value
 
 
 class Registration(StrEnum):
@@ -140,35 +122,46 @@ class Api(StrEnum):
     BOTH = "both"
 
 
-class HttpSpec(_Section):
-    address: Annotated[StrictStr, AfterValidator(_listen_address)] | None = "0.0.0.0:9120"
+class HttpSpec(configkit.Section, frozen=True):
+    address: ListenAddress | None = ListenAddress("0.0.0.0:9120")
 
 
-class CdiSpec(_Section):
-    dir: AbsolutePath = Path("/var/run/cdi")
+class CdiSpec(configkit.Section, frozen=True):
+    dir: Path = Path("/var/run/cdi")
 
 
-class NodeFeaturesSpec(_Section):
-    file: AbsolutePath | None = Path("/etc/kubernetes/node-feature-discovery/features.d/nodeplug")
+class NodeFeaturesSpec(configkit.Section, frozen=True):
+    file: Path | None = Path("/etc/kubernetes/node-feature-discovery/features.d/nodeplug")
 
 
-class DevicePluginSpec(_Section):
-    resource_name: Annotated[StrictStr, AfterValidator(_resource_name)] = Field(
-        alias="resourceName"
-    )
-    backend: StrictStr = Field(min_length=1)
-    config: dict[str, Any] = Field(default_factory=dict)
-    replicas: StrictInt = Field(default=1, ge=1, le=1024)
-    allocation_policy: Policy = Field(default=Policy.SPREAD, alias="allocationPolicy")
-    hook_timeout: float = Field(default=10.0, strict=True, gt=0, le=300, alias="hookTimeout")
-    device_list_strategy: list[DeviceListStrategy] | None = Field(
-        default=None, min_length=1, alias="deviceListStrategy"
-    )
-    cdi: StrictBool = False
+Strategies = Annotated[list[DeviceListStrategy], msgspec.Meta(min_length=1)]
+
+
+class DevicePluginSpec(configkit.Section, frozen=True):
+    resource_name: ResourceName
+    backend: Annotated[str, msgspec.Meta(min_length=1)]
+    config: dict[str, Any] = msgspec.field(default_factory=dict)
+    replicas: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 1
+    allocation_policy: Policy = Policy.SPREAD
+    hook_timeout: Annotated[float, msgspec.Meta(gt=0, le=300)] = 10.0
+    # One strategy, or a list of them.
+    device_list_strategy: Strategies | DeviceListStrategy | None = None
+    cdi: bool = False
     api: Api = Api.DEVICE_PLUGIN
-    dra_driver_name: Annotated[StrictStr, AfterValidator(_driver_name)] | None = Field(
-        default=None, alias="draDriverName"
-    )
+    dra_driver_name: DraDriverName | None = None
+
+    def __post_init__(self) -> None:
+        strategies = self.device_list_strategy
+        if isinstance(strategies, list) and len(set(strategies)) != len(strategies):
+            raise configkit.field_problem("deviceListStrategy", "names a strategy more than once")
+        if self.dra_driver_name is not None and not self.serves_dra:
+            raise ValueError("draDriverName: only used with api: dra or both")
+        problem = dra_names.driver_name_problem(self.driver_name)
+        if self.serves_dra and problem is not None:
+            raise ValueError(
+                f"draDriverName: the default {self.driver_name!r} (from resourceName) is not "
+                f"a valid DRA driver name: it {problem}; set draDriverName"
+            )
 
     @property
     def serves_device_plugin(self) -> bool:
@@ -182,34 +175,12 @@ class DevicePluginSpec(_Section):
     def driver_name(self) -> str:
         return self.dra_driver_name or dra_names.default_driver_name(self.resource_name)
 
-    @model_validator(mode="after")
-    def _check_dra(self) -> DevicePluginSpec:
-        if self.dra_driver_name is not None and not self.serves_dra:
-            raise ValueError("draDriverName: only used with api: dra or both")
-        problem = dra_names.driver_name_problem(self.driver_name)
-        if self.serves_dra and problem is not None:
-            raise ValueError(
-                f"draDriverName: the default {self.driver_name!r} (from resourceName) is not "
-                f"a valid DRA driver name: it {problem}; set draDriverName"
-            )
-        return self
-
-    @field_validator("device_list_strategy", mode="before")
-    @classmethod
-    def _one_or_a_list(cls, value: object) -> object:
-        return [value] if isinstance(value, str) else value
-
-    @field_validator("device_list_strategy")
-    @classmethod
-    def _each_once(cls, value: list[DeviceListStrategy] | None) -> object:
-        if value is not None and len(set(value)) != len(value):
-            raise ValueError("names a strategy more than once")
-        return value
-
     @property
     def strategies(self) -> frozenset[DeviceListStrategy]:
-        if self.device_list_strategy is not None:
+        if isinstance(self.device_list_strategy, list):
             return frozenset(self.device_list_strategy)
+        if self.device_list_strategy is not None:
+            return frozenset({self.device_list_strategy})
         if self.cdi:
             return frozenset({DeviceListStrategy.CDI_FIELD})
         return frozenset({DeviceListStrategy.DEVICE_SPECS})
@@ -219,27 +190,23 @@ class DevicePluginSpec(_Section):
         return bool(self.strategies & CDI_STRATEGIES)
 
 
-class Config(_Section):
-    kubelet_dir: AbsolutePath = Field(default=Path("/var/lib/kubelet"), alias="kubeletDir")
-    device_plugin_dir: AbsolutePath = Field(default=DEVICE_PLUGIN_PATH, alias="devicePluginDir")
-    state_dir: AbsolutePath = Field(default=Path("/var/lib/nodeplug"), alias="stateDir")
-    http: HttpSpec = Field(default_factory=HttpSpec)
-    cdi: CdiSpec = Field(default_factory=CdiSpec)
-    node_features: NodeFeaturesSpec = Field(default_factory=NodeFeaturesSpec, alias="nodeFeatures")
-    device_plugin_registration: Registration = Field(
-        default=Registration.KUBELET, alias="devicePluginRegistration"
-    )
-    device_plugins: list[DevicePluginSpec] = Field(default_factory=list, alias="devicePlugins")
+class Config(configkit.Section, frozen=True):
+    kubelet_dir: Path = Path("/var/lib/kubelet")
+    device_plugin_dir: Path = DEVICE_PLUGIN_PATH
+    state_dir: Path = Path("/var/lib/nodeplug")
+    # `http: null` and `nodeFeatures: null` are read as a null address and file (parse()).
+    http: HttpSpec = msgspec.field(default_factory=HttpSpec)
+    cdi: CdiSpec = msgspec.field(default_factory=CdiSpec)
+    node_features: NodeFeaturesSpec = msgspec.field(default_factory=NodeFeaturesSpec)
+    device_plugin_registration: Registration = Registration.KUBELET
+    device_plugins: list[DevicePluginSpec] = msgspec.field(default_factory=list)
     csi: CsiConfig | None = None
-    kubeconfig: AbsolutePath | None = None
+    kubeconfig: Path | None = None
 
-    @field_validator("http", "node_features", mode="before")
-    @classmethod
-    def _null_turns_off(cls, value: object, info: ValidationInfo) -> object:
-        """`http: null` and `nodeFeatures: null` mean what their null address/file mean."""
-        if value is None:
-            return {"address": None} if info.field_name == "http" else {"file": None}
-        return value
+    def __post_init__(self) -> None:
+        self._check_consistency()
+        self._check_dra_drivers()
+        self._check_csi()
 
     @property
     def device_plugin_socket_dir(self) -> Path:
@@ -248,19 +215,20 @@ class Config(_Section):
             return self.kubelet_dir / PLUGIN_REGISTRY_SUBDIR
         return self.device_plugin_dir
 
-    @model_validator(mode="after")
-    def _check_consistency(self) -> Config:
+    def _check_consistency(self) -> None:
         seen: dict[str, int] = {}
         for index, spec in enumerate(self.device_plugins):
             if spec.cdi and spec.device_list_strategy is not None:
-                raise ValueError(
-                    f"devicePlugins[{index}].cdi: give cdi or deviceListStrategy, not both "
-                    "(cdi: true is the same as deviceListStrategy: [cdiField])"
+                raise configkit.field_problem(
+                    f"devicePlugins[{index}].cdi",
+                    "give cdi or deviceListStrategy, not both "
+                    "(cdi: true is the same as deviceListStrategy: [cdiField])",
                 )
             if spec.resource_name in seen:
-                raise ValueError(
-                    f"devicePlugins[{index}].resourceName: {spec.resource_name!r} is already "
-                    f"used by devicePlugins[{seen[spec.resource_name]}]"
+                raise configkit.field_problem(
+                    f"devicePlugins[{index}].resourceName",
+                    f"{spec.resource_name!r} is already used by "
+                    f"devicePlugins[{seen[spec.resource_name]}]",
                 )
             seen[spec.resource_name] = index
         directory = self.device_plugin_socket_dir
@@ -271,23 +239,22 @@ class Config(_Section):
                 if self.device_plugin_registration is Registration.PLUGIN_WATCHER
                 else "devicePluginDir"
             )
-            raise ValueError(
-                f"{field}: {str(directory)!r} is too long for device-plugin sockets; their "
-                f"paths would exceed the {MAX_SOCKET_PATH}-byte Unix socket limit"
+            raise configkit.field_problem(
+                field,
+                f"{str(directory)!r} is too long for device-plugin sockets; their "
+                f"paths would exceed the {MAX_SOCKET_PATH}-byte Unix socket limit",
             )
-        return self
 
-    @model_validator(mode="after")
-    def _check_dra_drivers(self) -> Config:
+    def _check_dra_drivers(self) -> None:
         seen: dict[str, int] = {}
         for index, spec in enumerate(self.device_plugins):
             if not spec.serves_dra:
                 continue
             name = spec.driver_name
             if name in seen:
-                raise ValueError(
-                    f"devicePlugins[{index}].draDriverName: {name!r} is already the DRA "
-                    f"driver of devicePlugins[{seen[name]}]"
+                raise configkit.field_problem(
+                    f"devicePlugins[{index}].draDriverName",
+                    f"{name!r} is already the DRA driver of devicePlugins[{seen[name]}]",
                 )
             seen[name] = index
             sockets = (
@@ -296,11 +263,11 @@ class Config(_Section):
             )
             for socket in sockets:
                 if bound_path_length(self.kubelet_dir / socket) > MAX_SOCKET_PATH:
-                    raise ValueError(
-                        f"devicePlugins[{index}].draDriverName: {socket!r} below kubeletDir "
-                        f"would exceed the {MAX_SOCKET_PATH}-byte Unix socket limit"
+                    raise configkit.field_problem(
+                        f"devicePlugins[{index}].draDriverName",
+                        f"{socket!r} below kubeletDir would exceed the "
+                        f"{MAX_SOCKET_PATH}-byte Unix socket limit",
                     )
-        return self
 
     @property
     def csi_socket(self) -> Path | None:
@@ -310,14 +277,14 @@ class Config(_Section):
         default = self.kubelet_dir / CSI_PLUGIN_SUBDIR / self.csi.driver_name / "csi.sock"
         return self.csi.endpoint or default
 
-    @model_validator(mode="after")
-    def _check_csi(self) -> Config:
+    def _check_csi(self) -> None:
         if self.csi is None or self.csi_socket is None:
-            return self
+            return
         if self.csi.mode is Mode.CONTROLLER and self.device_plugins:
-            raise ValueError(
-                "devicePlugins: csi.mode: controller serves only the cluster's side of volume "
-                "expansion; device plugins and DRA drivers run in the nodes' daemons"
+            raise configkit.field_problem(
+                "devicePlugins",
+                "csi.mode: controller serves only the cluster's side of volume expansion; "
+                "device plugins and DRA drivers run in the nodes' daemons",
             )
         field = "csi.endpoint" if self.csi.endpoint else "csi.driverName"
         sockets = [(field, self.csi_socket)]
@@ -326,11 +293,10 @@ class Config(_Section):
             sockets.append(("csi.driverName", self.kubelet_dir / registration))
         for field, socket in sockets:
             if bound_path_length(socket) > MAX_SOCKET_PATH:
-                raise ValueError(
-                    f"{field}: {str(socket)!r} would exceed the {MAX_SOCKET_PATH}-byte Unix "
-                    "socket limit"
+                raise configkit.field_problem(
+                    field,
+                    f"{str(socket)!r} would exceed the {MAX_SOCKET_PATH}-byte Unix socket limit",
                 )
-        return self
 
 
 def confined_to(data: Mapping[str, Any], root: Path) -> dict[str, Any]:
@@ -352,30 +318,28 @@ def confined_to(data: Mapping[str, Any], root: Path) -> dict[str, Any]:
     }
 
 
-def _field_path(location: Sequence[int | str]) -> str:
-    path = ""
-    for part in location:
-        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
-    return path or "(top level)"
+def _pydantic_problems(error: Exception) -> list[str] | None:
+    """A vendor backend's pydantic ValidationError as problems, or None if it is not one.
+
+    nodeplug itself does not use pydantic: it is looked for only if already imported.
+    """
+    pydantic_core = sys.modules.get("pydantic_core")
+    if pydantic_core is None or not isinstance(error, pydantic_core.ValidationError):
+        return None
+    problems = []
+    for detail in error.errors():
+        where = ""
+        for part in detail["loc"]:
+            where += f"[{part}]" if isinstance(part, int) else f".{part}"
+        message = _PYDANTIC_MESSAGES.get(detail["type"], detail["msg"])
+        problems.append(f"{where}: {message.removeprefix('Value error, ')}")
+    return problems
 
 
-_MESSAGES = {
+_PYDANTIC_MESSAGES = {
     "extra_forbidden": "unknown field (check its spelling and indentation)",
     "missing": "required field is missing",
 }
-
-
-def _problems(error: ValidationError) -> list[str]:
-    problems = []
-    for detail in error.errors():
-        location = detail["loc"]
-        message = _MESSAGES.get(detail["type"], detail["msg"])
-        message = message.removeprefix("Value error, ")
-        if detail["type"] == "value_error" and ": " in message and not location:
-            problems.append(message)  # a cross-field check that already names its field
-        else:
-            problems.append(f"{_field_path(location)}: {message}")
-    return problems
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -398,10 +362,13 @@ def parse(data: object, source: str = "<config>") -> Config:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(source, [f"(top level): must be a mapping, not {type(data).__name__}"])
+    # `http: null` and `nodeFeatures: null` mean what their null address and file mean.
+    nulls = {"http": {"address": None}, "nodeFeatures": {"file": None}}
+    data = {**data, **{key: off for key, off in nulls.items() if key in data and data[key] is None}}
     try:
-        return Config.model_validate(data)
-    except ValidationError as error:
-        raise ConfigError(source, _problems(error)) from None
+        return configkit.convert(data, Config)
+    except configkit.InvalidConfigError as error:
+        raise ConfigError(source, error.lines()) from None
 
 
 @dataclass
@@ -502,7 +469,7 @@ def create_backends(
     goes wrong, a backend that fails to import included, is a ConfigError: the config
     asks for something this node cannot run, and check-config must say so.
     """
-    backends = {}
+    backends: dict[str, Backend] = {}
     problems = []
     for index, spec in enumerate(config.device_plugins):
         if only is not None and spec.resource_name not in only:
@@ -518,10 +485,16 @@ def create_backends(
             continue
         try:
             backends[spec.resource_name] = factory(spec.config)
-        except ValidationError as error:
-            problems += [f"{where}.config.{p}" for p in _problems(error)]
+        except configkit.InvalidConfigError as error:
+            problems += error.lines(at=f"{where}.config")
+        except msgspec.ValidationError as error:  # a vendor's own msgspec.convert()
+            problems.append(configkit.problem(error, at=f"{where}.config"))
         except (ValueError, TypeError) as error:
-            problems.append(f"{where}.config: {error}")
+            vendors = _pydantic_problems(error)
+            if vendors is None:
+                problems.append(f"{where}.config: {error}")
+            else:
+                problems += [f"{where}.config{problem}" for problem in vendors]
         except Exception as error:  # and so can its factory
             problems.append(f"{where}.config: backend {spec.backend!r} failed: {_described(error)}")
     if problems:

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from daemon.config import Config
+from deviceplugin import configkit
 from deviceplugin.backend import Backend, Device
 from deviceplugin.cdi import spec_file_name
 from deviceplugin.dra.names import PLUGINS_SUBDIR, SOCKET_NAME
@@ -63,7 +64,8 @@ def describe(config: Config) -> list[str]:
         lines.append(f"    mode              {csi.mode}")
         lines.append(f"    socket            {config.csi_socket}")
         if csi.pool is not None:
-            pool = csi.pool.model_dump(by_alias=True, exclude_none=True)
+            dumped = configkit.dumped(csi.pool).items()
+            pool = {key: value for key, value in dumped if value is not None}
             lines.append(f"    pool              {pool}")
     return lines
 

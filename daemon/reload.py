@@ -36,6 +36,8 @@ class ConfigReloader:
         # The CSI mode the command serves (`nodeplug controller`): every reload keeps it.
         self.csi_mode = csi_mode
         self._requested = asyncio.Event()
+        # One reload at a time: two applying at once would stop the same units twice.
+        self._reloading = asyncio.Lock()
 
     def request(self) -> None:
         """Reload soon (the SIGHUP handler)."""
@@ -52,6 +54,10 @@ class ConfigReloader:
 
     async def reload(self, daemon: Daemon) -> str:
         """Load, validate and apply the file; return "applied", "unchanged" or "rejected"."""
+        async with self._reloading:
+            return await self._reload(daemon)
+
+    async def _reload(self, daemon: Daemon) -> str:
         source = str(self.path)
         try:
             config = configuration.load(self.path, self.csi_mode)

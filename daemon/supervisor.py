@@ -179,7 +179,7 @@ class Daemon:
         Only these need a backend: the others keep theirs, sockets and streams included.
         """
         base_changed = _base(self.config) != _base(config)
-        starting = []
+        starting: list[str] = []
         for spec in config.device_plugins:
             unit = self._units.get(_plugin_key(spec.resource_name))
             if base_changed or unit is None or unit.spec != _unit_spec(config, spec):
@@ -198,7 +198,7 @@ class Daemon:
         if missing:
             raise ValueError(f"no backend given for {', '.join(missing)}")
         new_backends = {name: by_name[name] for name in starting}
-        new_specs = {spec.resource_name: spec for spec in config.device_plugins}
+        new_specs: dict[str, DevicePluginSpec] = {s.resource_name: s for s in config.device_plugins}
         base_changed = _base(old) != _base(config)
         stopped = []
         for name in sorted(set(self.plugins) | set(self.dra)):
@@ -241,7 +241,7 @@ class Daemon:
         """Start every unit of `config` that is not running (on start, and after a reload)."""
         started = []
         cdi_resources = [s for s in config.device_plugins if s.writes_cdi_spec]
-        writers = {
+        writers: dict[str, CdiSpecWriter] = {
             s.resource_name: CdiSpecWriter(config.cdi.dir, s.resource_name) for s in cdi_resources
         }
         if config.device_plugins or self.plugins:

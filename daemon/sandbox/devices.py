@@ -17,6 +17,7 @@ from typing import Any
 from daemon import config as configuration
 from daemon.config import Registration
 from daemon.sandbox.core import Demo, Sandbox
+from deviceplugin import configkit
 from deviceplugin.testkit import FakeKubelet
 from deviceplugin.v1beta1 import api_pb2
 
@@ -40,7 +41,7 @@ class DevicePlugins(Demo):
 
     def configure(self, sandbox: Sandbox, data: dict[str, Any]) -> dict[str, Any]:
         if sandbox.user_config is not None:
-            mine = configuration.load(sandbox.user_config).model_dump(by_alias=True, mode="json")
+            mine = configkit.dumped(configuration.load(sandbox.user_config))
             self.origin = f"your config {sandbox.user_config}"
             # Its pool is a real path on this machine: the CSI demo uses a pool of its own.
             if mine.pop("csi", None) is not None:

@@ -8,6 +8,7 @@ import os
 import re
 from pathlib import Path
 
+from deviceplugin import configkit
 from deviceplugin.names import MAX_DEVICE_ID_LENGTH
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -25,10 +26,14 @@ def device_id(name: str) -> str:
     return f"{safe[-keep:].lstrip('-')}-{digest}"
 
 
-def check_permissions(value: str) -> str:
-    if not value or set(value) - set("rwm") or len(set(value)) != len(value):
-        raise ValueError(f"{value!r} must be one or more of r, w, m, each at most once")
-    return value
+class Permissions(configkit.Checked):
+    """cgroup device permissions in the container: r, w, m."""
+
+    @classmethod
+    def check(cls, value: str) -> str:
+        if not value or set(value) - set("rwm") or len(set(value)) != len(value):
+            raise ValueError(f"{value!r} must be one or more of r, w, m, each at most once")
+        return value
 
 
 def numa_node_of(sys_path: Path | str) -> int | None:

@@ -27,11 +27,12 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any
 
+import msgspec
 from asyncinotify import Inotify, Mask, Watch
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from deviceplugin import configkit
 from deviceplugin.backend import Device, DeviceNode
-from deviceplugin.backends.common import NumaNodes, check_permissions, device_id
+from deviceplugin.backends.common import NumaNodes, Permissions, device_id
 
 log = logging.getLogger(__name__)
 
@@ -42,22 +43,20 @@ _DIR_EVENTS = (
 _SETTLE_SECONDS = 0.002
 
 
-def _absolute_pattern(pattern: str) -> str:
-    if not pattern.startswith("/"):
-        raise ValueError(f"{pattern!r} must be an absolute path pattern")
-    if "\0" in pattern or "/../" in f"{pattern}/" or "/./" in f"{pattern}/":
-        raise ValueError(f"{pattern!r} must be a plain absolute pattern (no '..', '.', NUL)")
-    return os.path.normpath(pattern)
+class AbsolutePattern(configkit.Checked):
+    @classmethod
+    def check(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError(f"{value!r} must be an absolute path pattern")
+        if "\0" in value or "/../" in f"{value}/" or "/./" in f"{value}/":
+            raise ValueError(f"{value!r} must be a plain absolute pattern (no '..', '.', NUL)")
+        return os.path.normpath(value)
 
 
-class GlobConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-
-    paths: list[Annotated[str, AfterValidator(_absolute_pattern)]] = Field(min_length=1)
-    permissions: Annotated[str, AfterValidator(check_permissions)] = "rw"
-    container_dir: Annotated[str, AfterValidator(_absolute_pattern)] | None = Field(
-        default=None, alias="containerDir"
-    )
+class GlobConfig(configkit.Section, frozen=True):
+    paths: Annotated[list[AbsolutePattern], msgspec.Meta(min_length=1)]
+    permissions: Permissions = Permissions("rw")
+    container_dir: AbsolutePattern | None = None
 
 
 def _static_base(pattern: str) -> str:
@@ -202,4 +201,4 @@ def _forget(watches: dict[str, Watch], gone: Watch | None) -> None:
 
 
 def create(config: Mapping[str, Any]) -> GlobBackend:
-    return GlobBackend(GlobConfig.model_validate(config))
+    return GlobBackend(configkit.convert(config, GlobConfig))

@@ -12,21 +12,20 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+import msgspec
 
+from deviceplugin import configkit
 from deviceplugin.backend import Device
 
 log = logging.getLogger(__name__)
 
 
-class SimulatedConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-
-    count: int = Field(default=4, ge=0, le=100_000, strict=True)
-    numa_nodes: int = Field(default=1, ge=1, le=64, strict=True, alias="numaNodes")
-    prefix: str = Field(default="sim", pattern=r"^[a-z0-9][a-z0-9-]{0,40}$")
+class SimulatedConfig(configkit.Section, frozen=True):
+    count: Annotated[int, msgspec.Meta(ge=0, le=100_000)] = 4
+    numa_nodes: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
+    prefix: Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9-]{0,40}$")] = "sim"
 
 
 class SimulatedBackend:
@@ -52,4 +51,4 @@ class SimulatedBackend:
 
 
 def create(config: Mapping[str, Any]) -> SimulatedBackend:
-    return SimulatedBackend(SimulatedConfig.model_validate(config))
+    return SimulatedBackend(configkit.convert(config, SimulatedConfig))

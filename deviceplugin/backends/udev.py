@@ -22,11 +22,12 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Annotated, Any
 
+import msgspec
 import pyudev
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from deviceplugin import configkit
 from deviceplugin.backend import Device, DeviceNode
-from deviceplugin.backends.common import check_permissions, device_id, numa_node_of
+from deviceplugin.backends.common import Permissions, device_id, numa_node_of
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +35,12 @@ UDEV_CONTROL = Path("/run/udev/control")
 _SETTLE_SECONDS = 0.002
 
 
-class UdevConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    subsystem: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
+class UdevConfig(configkit.Section, frozen=True):
+    subsystem: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]+$")]
     sysname: str = "*"
-    properties: dict[str, str] = Field(default_factory=dict)
-    permissions: Annotated[str, AfterValidator(check_permissions)] = "rw"
+    # Its keys are udev's own (ID_VENDOR_ID): they are not renamed.
+    properties: dict[str, str] = msgspec.field(default_factory=dict)
+    permissions: Permissions = Permissions("rw")
 
 
 class UdevBackend:
@@ -98,4 +98,4 @@ class UdevBackend:
 
 
 def create(config: Mapping[str, Any]) -> UdevBackend:
-    return UdevBackend(UdevConfig.model_validate(config))
+    return UdevBackend(configkit.convert(config, UdevConfig))

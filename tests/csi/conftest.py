@@ -16,6 +16,7 @@ from csi import mounts
 from csi.config import CsiConfig
 from csi.driver import CsiDriver
 from csi.v1 import csi_pb2, csi_pb2_grpc
+from deviceplugin import configkit
 
 DRIVER = "local.csi.nodeplug.io"
 NODE = "node-1"
@@ -69,8 +70,9 @@ def btrfs_pool(short_tmp: Path) -> Iterator[Path]:
 
 
 def csi_config(pool: Path, **pool_extra: object) -> CsiConfig:
-    return CsiConfig.model_validate(
-        {"driverName": DRIVER, "nodeId": NODE, "pool": {"path": str(pool), **pool_extra}}
+    return configkit.convert(
+        {"driverName": DRIVER, "nodeId": NODE, "pool": {"path": str(pool), **pool_extra}},
+        CsiConfig,
     )
 
 

@@ -15,6 +15,7 @@ from csi import files
 from csi.config import CsiConfig
 from csi.driver import CsiDriver
 from csi.errors import SetupError
+from deviceplugin import configkit
 from tests.csi.conftest import DRIVER, cleanup_below
 
 pytestmark = pytest.mark.root
@@ -54,11 +55,12 @@ def read_as_nobody(paths: list[Path]) -> dict[str, str]:
 
 
 def image_config(root: Path, size: str = "256Mi") -> CsiConfig:
-    return CsiConfig.model_validate(
+    return configkit.convert(
         {
             "driverName": DRIVER,
             "pool": {"path": str(root / "pool"), "image": str(root / "pool.img"), "size": size},
-        }
+        },
+        CsiConfig,
     )
 
 

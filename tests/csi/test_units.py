@@ -18,6 +18,7 @@ from csi.errors import InvalidArgumentError, NotFoundError, OutOfRangeError
 from csi.mounts import mounted_at, parse_mountinfo
 from csi.state import State, StateFileError, StateStore, Status, VolumeRecord
 from csi.v1 import csi_pb2
+from deviceplugin import configkit
 from tests.csi.conftest import DRIVER, cleanup_below
 
 MiB = 1024**2
@@ -25,7 +26,7 @@ MiB = 1024**2
 
 @pytest.mark.root
 async def test_pool_image_is_created_and_loop_mounted(short_tmp: Path) -> None:
-    config = CsiConfig.model_validate(
+    config = configkit.convert(
         {
             "driverName": DRIVER,
             "pool": {
@@ -33,7 +34,8 @@ async def test_pool_image_is_created_and_loop_mounted(short_tmp: Path) -> None:
                 "image": str(short_tmp / "pool.img"),
                 "size": "256Mi",
             },
-        }
+        },
+        CsiConfig,
     )
     try:
         driver = CsiDriver(config, short_tmp / "kubelet", short_tmp / "state")

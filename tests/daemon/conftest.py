@@ -11,6 +11,8 @@ ENTRY_POINTS = """\
 broken-import = brokenvendor:create
 exploding = explodingvendor:create
 counting = countingvendor:create
+pydantic-vendor = pydanticvendor:create
+msgspec-vendor = msgspecvendor:create
 """
 
 MODULES = {
@@ -26,6 +28,23 @@ MODULES = {
         "    with Path(config['log']).open('a') as log:\n"
         "        log.write(config['tag'] + '\\n')\n"
         "    return simulated.create({'count': 2})\n"
+    ),
+    # Vendors validating their config with pydantic or with msgspec (configkit not used).
+    "pydanticvendor.py": (
+        "from pydantic import BaseModel, ConfigDict\n\n\n"
+        "class Config(BaseModel):\n"
+        "    model_config = ConfigDict(extra='forbid')\n"
+        "    size: int\n"
+        "    ports: list[int] = []\n\n\n"
+        "def create(config):\n"
+        "    Config.model_validate(config)\n"
+    ),
+    "msgspecvendor.py": (
+        "import msgspec\n\n\n"
+        "class Config(msgspec.Struct, forbid_unknown_fields=True):\n"
+        "    size: int\n\n\n"
+        "def create(config):\n"
+        "    msgspec.convert(config, Config)\n"
     ),
 }
 

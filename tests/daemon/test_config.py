@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from daemon import config as configuration
+from daemon.inspection import describe
+from deviceplugin import configkit
 from deviceplugin.allocation import Policy
 
 GOOD_PLUGIN = {
@@ -129,6 +133,23 @@ def test_bad_configs_name_the_field(data: Any, expected: str) -> None:
     assert caught.value.report().startswith("invalid config test.yaml:")
 
 
+def test_every_problem_is_reported_at_once() -> None:
+    data = {
+        "stateDir": 7,
+        "devicePlugins": [{"resourceName": "widget", "replicas": 0}, {**GOOD_PLUGIN, "api": "x"}],
+    }
+    with pytest.raises(configuration.ConfigError) as caught:
+        configuration.parse(data, "test.yaml")
+    assert caught.value.problems == [
+        "stateDir: Input should be a valid path, not an integer",
+        "devicePlugins[0].resourceName: 'widget' is not a valid extended resource name: "
+        "must be 'domain/name' (a name without a domain is a native resource)",
+        "devicePlugins[0].replicas: Input should be greater than or equal to 1",
+        "devicePlugins[0].backend: required field is missing",
+        "devicePlugins[1].api: Input should be 'devicePlugin', 'dra' or 'both', not 'x'",
+    ]
+
+
 @pytest.mark.parametrize(
     ("plugin", "expected"),
     [
@@ -156,6 +177,54 @@ def test_backend_config_errors_name_the_field(plugin: dict[str, Any], expected: 
     with pytest.raises(configuration.ConfigError) as caught:
         configuration.create_backends(config)
     assert any(expected in problem for problem in caught.value.problems), caught.value.problems
+
+
+NOT_AN_INTEGER = "Input should be a valid integer, unable to parse string as an integer"
+
+
+@pytest.mark.parametrize(
+    ("backend", "config", "expected"),
+    [
+        (
+            "pydantic-vendor",
+            {"size": "big"},
+            [f"devicePlugins[0].config.size: {NOT_AN_INTEGER}"],
+        ),
+        (
+            "pydantic-vendor",
+            {"ports": [1, "x"], "other": 1},
+            [
+                "devicePlugins[0].config.size: required field is missing",
+                f"devicePlugins[0].config.ports[1]: {NOT_AN_INTEGER}",
+                "devicePlugins[0].config.other: unknown field (check its spelling and indentation)",
+            ],
+        ),
+        (
+            "msgspec-vendor",
+            {"size": "big"},
+            ["devicePlugins[0].config.size: Input should be a valid integer, not a string"],
+        ),
+        ("msgspec-vendor", {}, ["devicePlugins[0].config.size: required field is missing"]),
+    ],
+)
+def test_vendor_validation_errors_name_the_field(
+    vendor_site: Path, backend: str, config: dict[str, Any], expected: list[str]
+) -> None:
+    """A vendor's factory may validate with pydantic or msgspec; each problem names its field."""
+    plugin = {"resourceName": "vendor.example/x", "backend": backend, "config": config}
+    with pytest.raises(configuration.ConfigError) as caught:
+        configuration.create_backends(configuration.parse({"devicePlugins": [plugin]}))
+    assert caught.value.problems == expected
+
+
+def test_the_daemon_never_imports_pydantic() -> None:
+    """pydantic cost ~9 MiB of idle RSS: a vendor may use it, nodeplug does not."""
+    code = (
+        "import sys, daemon.cli, daemon.supervisor, daemon.csiplugin, daemon.inspection; "
+        "from deviceplugin.backends import glob, simulated, udev; "
+        "assert not [m for m in sys.modules if m.startswith(('pydantic', 'annotated_types'))]"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
 @pytest.mark.parametrize(
@@ -289,11 +358,39 @@ def host_paths(value: Any, where: str = "") -> dict[str, str]:
     return {}
 
 
+@pytest.mark.parametrize(
+    ("csi", "expected"),
+    [
+        (
+            {"nodeId": "n1", "pool": {"path": "/p", "image": "/p.img", "size": "1Gi"}},
+            [
+                "CSI driver          x.example.com on node n1",
+                "    mode              node",
+                "    socket            /k/plugins/x.example.com/csi.sock",
+                "    pool              {'path': '/p', 'image': '/p.img', 'size': 1073741824}",
+            ],
+        ),
+        (
+            {"mode": "controller", "endpoint": "/csi/csi.sock"},
+            [
+                "CSI driver          x.example.com, expansion controller only",
+                "    mode              controller",
+                "    socket            /csi/csi.sock",
+            ],
+        ),
+    ],
+)
+def test_check_config_describes_the_csi_driver(csi: dict[str, Any], expected: list[str]) -> None:
+    data = {"kubeletDir": "/k", "csi": {"driverName": "x.example.com", **csi}}
+    lines = describe(configuration.parse(data))
+    assert lines[-len(expected) :] == expected
+
+
 def test_confined_to_puts_every_host_path_under_one_root(tmp_path: Path) -> None:
     """Sandbox and tests must never touch the real kubelet: any path setting added
     later that confined_to() forgets fails here."""
     config = configuration.parse(configuration.confined_to({}, tmp_path))
-    paths = host_paths(config.model_dump(by_alias=True, mode="json"))
+    paths = host_paths(configkit.dumped(config))
     assert {"kubeletDir", "devicePluginDir", "stateDir", "cdi.dir", "nodeFeatures.file"} <= set(
         paths
     )

@@ -54,6 +54,20 @@ async def reloading(path: Path) -> AsyncIterator[tuple[Daemon, ConfigReloader]]:
         await task
 
 
+async def test_reloads_at_once_apply_one_after_the_other(
+    short_tmp: Path, kubelet: FakeKubelet
+) -> None:
+    """A SIGHUP, a file event and a caller may ask at once: each reload sees the last."""
+    path = short_tmp / "config.yaml"
+    write(path, short_tmp, plugin(A), plugin(B))
+    async with reloading(path) as (daemon, reloader):
+        await kubelet.wait_for(lambda c: {A, B} <= c.keys())
+        write(path, short_tmp, plugin(A), plugin(C))
+        results = await asyncio.gather(reloader.reload(daemon), reloader.reload(daemon))
+        assert sorted(results) == ["applied", "unchanged"]
+        assert set(daemon.plugins) == {A, C}
+
+
 async def test_reload_restarts_only_what_changed(short_tmp: Path, kubelet: FakeKubelet) -> None:
     path = short_tmp / "config.yaml"
     write(path, short_tmp, plugin(A), plugin(B))

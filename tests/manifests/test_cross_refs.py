@@ -22,6 +22,7 @@ from daemon.csiplugin import CSI_PLUGIN_SUBDIR
 from daemon.csiplugin import SHUTDOWN_GRACE as CSI_GRACE
 from daemon.pluginwatcher import REGISTRY_SUBDIR
 from daemon.pluginwatcher import SHUTDOWN_GRACE as REGISTRATION_GRACE
+from deviceplugin import configkit
 from deviceplugin.plugin import SHUTDOWN_GRACE as DEVICE_PLUGIN_GRACE
 from tests.manifests import model
 
@@ -73,7 +74,7 @@ def test_the_config_spells_out_what_the_manifests_depend_on(key: str) -> None:
 def test_the_daemon_accepts_the_config_as_the_manifests_read_it(tmp_path: Path) -> None:
     path = tmp_path / "config.yaml"
     path.write_text(model.daemon_config_text())
-    parsed = daemon_config.load(path).model_dump(by_alias=True, mode="json")
+    parsed = configkit.dumped(daemon_config.load(path))
     for key in DEPENDED_ON:
         assert dig(parsed, key) == setting(key), key
 
@@ -82,7 +83,7 @@ def test_the_node_name_the_daemonset_passes_becomes_the_csi_node_id(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("NODE_NAME", "node-7.example")
-    parsed = daemon_config.parse(model.daemon_config()).model_dump(by_alias=True, mode="json")
+    parsed = configkit.dumped(daemon_config.parse(model.daemon_config()))
     assert parsed["csi"]["nodeId"] == "node-7.example"
 
 

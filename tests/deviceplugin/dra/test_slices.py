@@ -8,6 +8,7 @@ import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from daemon.supervisor import Daemon
@@ -254,7 +255,7 @@ async def test_new_api_credentials_restart_only_the_dra_units(
         await api.wait_for(lambda: names(api) == ["fpga0"])
         await kubelet.wait_for_devices("acme.example/plain", bool)
         moved = api.write_kubeconfig(short_tmp / "kubeconfig-2")
-        new = config.model_copy(update={"kubeconfig": moved})
+        new = msgspec.structs.replace(config, kubeconfig=moved)
         restarted = await daemon.apply(new, [ScriptedBackend([device("fpga0")]), backends[1]])
         assert restarted == [f"device plugin {RESOURCE}"]
         await synced(daemon)
