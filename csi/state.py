@@ -16,9 +16,11 @@ torn one:
   means a new boot, whose file this is not (files of other boots are removed at
   load). So stage, publish and their undoing cost no fsync at all.
 
-Records carry a status: an operation first records its intent ("pending"), then
-does the work, then records "ready"; after a crash the reconciler finishes or
-undoes whatever is still pending. A file the driver cannot read stops the driver
+Records carry a status: a node operation first records its intent ("pending"),
+then does the work, then records "ready"; after a crash the reconciler finishes or
+undoes whatever is still pending. A create in the pool records nothing before its
+work, which the reconciler finds by its pending name instead (see pool.py): its
+one durable write is the READY record. A file the driver cannot read stops the driver
 (StateFileError) rather than being taken for an empty state, which would forget
 every volume.
 """
@@ -354,17 +356,28 @@ async def create_recorded(
     entries: Sequence[Entry],
     work: Callable[[], Awaitable[None]],
     undo: Callable[[], Awaitable[None]],
+    place: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
-    """Record the intent (PENDING), do the work, record READY; on failure undo and forget.
+    """Do the work and record its entries READY, in one write; on failure undo and forget.
 
-    All entries are recorded in one write and turn READY in one write. A crash in
-    between leaves PENDING records that the reconciler undoes.
+    Without place, the intent (the entries, PENDING) is written first: a crash
+    during the work leaves PENDING records that the reconciler undoes. With place,
+    the work leaves its result where the reconciler deletes it unless a READY record
+    claims it (a pending subvolume), so no intent is written: the READY write, then
+    place() moves the result into place (a crash in between: the reconciler does).
+    The entries are in the in-memory state, PENDING, while the work runs.
     """
     for table, key, record in entries:
         table[key] = record
-    await store.save()
+    if place is None:
+        await store.save()
     try:
         await work()
+        for _, _, record in entries:
+            record.status = Status.READY
+        await store.save()
+        if place is not None:
+            await place()
     except BaseException:
         with contextlib.suppress(Exception):
             await undo()
@@ -372,9 +385,6 @@ async def create_recorded(
             table.pop(key, None)
         await store.save()
         raise
-    for _, _, record in entries:
-        record.status = Status.READY
-    await store.save()
 
 
 async def delete_recorded(

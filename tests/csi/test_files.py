@@ -80,7 +80,7 @@ async def test_no_file_of_the_driver_is_readable_by_another_user(open_root: Path
     driver = CsiDriver(image_config(open_root), open_root / "kubelet", open_root / "state")
     await driver.start()
     volume = driver.pool.volume_path("v" + "1" * 32)
-    await driver.pool.create_subvolume(volume)
+    await driver.pool.provision(volume, None, block=False, size=2**30)
     secret = volume / "secret"
     descriptor = os.open(secret, os.O_WRONLY | os.O_CREAT, 0o600)
     os.write(descriptor, b"the volume's own data")

@@ -8,11 +8,15 @@ import os
 import stat
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from csi import btrfs
 from csi import state as state_module
+from csi.pool import Pool, is_subvolume, pending
 from csi.state import (
+    SnapshotRecord,
     StageRecord,
     StateFileError,
     StateStore,
@@ -21,8 +25,10 @@ from csi.state import (
     create_recorded,
     delete_recorded,
 )
+from csi.v1 import csi_pb2
 from daemon import config as configuration
 from deviceplugin.testkit import FakeKubelet
+from tests.csi.conftest import create_request, serving
 from tests.csi.test_daemon import csi_socket, daemon_config, registration_socket
 from tests.daemon.test_operations import eventually, get
 from tests.deviceplugin.conftest import running
@@ -228,3 +234,57 @@ async def test_a_damaged_state_file_stops_only_the_csi_driver(
         assert health == 200, "liveness holds: a restart would not fix the file"
         logged = [r for r in caplog.records if r.levelno == logging.ERROR]
         assert any(getattr(r, "problem", "") == problem for r in logged)
+
+
+@pytest.mark.root
+async def test_a_create_writes_no_intent_and_one_durable_record(
+    short_tmp: Path, btrfs_pool: Path, fsyncs: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen_during_work: list[tuple[bool, list[str]]] = []
+    real_provision = Pool.provision
+
+    async def provision(pool: Pool, path: Path, *args: Any) -> None:
+        await real_provision(pool, path, *args)
+        recorded = json.loads((short_tmp / "state" / "csi-state.json").read_text())["volumes"]
+        seen_during_work.append((is_subvolume(path), list(recorded)))
+
+    monkeypatch.setattr(Pool, "provision", provision)
+    async with serving(short_tmp, btrfs_pool) as csi:
+        fsyncs.clear()
+        volume = (await csi.controller.CreateVolume(create_request("pvc"))).volume
+        assert seen_during_work == [(True, [])], "made under its pending name, not recorded"
+        assert len(fsyncs) == 2, "one durable write: the READY record"
+        placed = csi.driver.pool.volume_path(volume.volume_id)
+        assert is_subvolume(placed)
+        assert not pending(placed).exists()
+        saved = StateStore(short_tmp / "state").load()
+        assert saved.volumes[volume.volume_id].status is Status.READY
+
+
+@pytest.mark.root
+async def test_a_crash_around_the_ready_write_is_finished_at_the_next_start(
+    short_tmp: Path, btrfs_pool: Path
+) -> None:
+    """Pending subvolumes: placed if their READY record was written, deleted if not."""
+    async with serving(short_tmp, btrfs_pool) as csi:
+        pool = csi.driver.pool
+    written = VolumeRecord("v" + "1" * 32, "pvc-written", MiB, False, {}, "", 1.0, Status.READY)
+    snapshot = SnapshotRecord("s" + "1" * 31, "snap-written", written.id, MiB, 1.0, Status.READY)
+    unwritten = pool.volume_path("v" + "2" * 32)
+    made = pending(pool.volume_path(written.id))
+    btrfs.create_subvolume(made)
+    btrfs.snapshot(made, pending(pool.snapshot_path(snapshot.id)), readonly=True)
+    btrfs.create_subvolume(pending(unwritten))
+    store = StateStore(short_tmp / "state")
+    store.load()
+    store.state.volumes[written.id] = written
+    store.state.snapshots[snapshot.id] = snapshot
+    await store.save()
+
+    async with serving(short_tmp, btrfs_pool) as csi:
+        assert pool.subvolume_ids(pool.volumes) == {written.id}
+        assert pool.subvolume_ids(pool.snapshots) == {snapshot.id}
+        assert [p.name for p in pool.volumes.iterdir()] == [written.id], "no pending one is left"
+        assert [p.name for p in pool.snapshots.iterdir()] == [snapshot.id]
+        listed = await csi.controller.ListVolumes(csi_pb2.ListVolumesRequest())
+        assert [e.volume.volume_id for e in listed.entries] == [written.id]
