@@ -233,11 +233,13 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         return csi_pb2.CreateVolumeResponse(volume=self._response_volume(record))
 
     async def _check_space(self, size: int) -> None:
-        if size > await self.driver.pool.total_bytes():
+        space = await self.driver.pool.space()
+        if size > space.total:
             raise OutOfRangeError(f"capacity_range: {size} bytes is more than the whole pool")
-        free = await self.driver.pool.free_bytes()
-        if size > free:
-            raise ResourceExhaustedError(f"the pool has {free} bytes free, {size} were asked for")
+        if size > space.available:
+            raise ResourceExhaustedError(
+                f"the pool has {space.available} bytes free, {size} were asked for"
+            )
 
     async def _provision(self, record: VolumeRecord) -> None:
         """Create the volume's subvolume (empty, or a snapshot of its source), recorded."""
@@ -338,7 +340,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
     async def GetCapacity(
         self, request: csi_pb2.GetCapacityRequest, context: Context
     ) -> csi_pb2.GetCapacityResponse:
-        available = await self.driver.pool.free_bytes()
+        available = (await self.driver.pool.space()).available
         if request.parameters or not self._servable(request.volume_capabilities):
             available = 0  # nothing can be provisioned with these
         if request.HasField("accessible_topology") and not self._is_here(

@@ -45,8 +45,12 @@ _SUBVOLUME_INODE = 256
 # How long a deleted subvolume's qgroup is waited for (in the background) until the
 # kernel has dropped the subvolume; one still there after that is cleared at the next start.
 QGROUP_CLEANUP_TIMEOUT = 30.0
-# The longest pause between two attempts at destroying those qgroups.
-_QGROUP_RETRY_MAX = 0.5
+# The first and the longest pause before an attempt at destroying those qgroups. Each
+# attempt commits the pool, which on an image is an fsync on the host's filesystem
+# that the driver's own state writes then queue behind: a burst of deletions is
+# cleaned up after in a few commits, not one every few milliseconds.
+_QGROUP_RETRY_FIRST = 0.2
+_QGROUP_RETRY_MAX = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,13 +291,8 @@ class Pool:
 
     # --- space ------------------------------------------------------------------------
 
-    async def free_bytes(self) -> int:
-        stats = await asyncio.to_thread(os.statvfs, self.root)
-        return stats.f_bavail * stats.f_frsize
-
-    async def total_bytes(self) -> int:
-        stats = await asyncio.to_thread(os.statvfs, self.root)
-        return stats.f_blocks * stats.f_frsize
+    async def space(self) -> Usage:
+        return await usage(self.root)
 
     def subvolume_ids(self, directory: Path) -> set[str]:
         """The placed subvolumes in directory (not the pending ones)."""
@@ -314,7 +313,8 @@ class _DroppedQgroups:
     then its qgroup is busy (EBUSY). Linux 6.7+ removes the qgroup itself once the
     subvolume is dropped (ENOENT here); older kernels leave it for us. Each round
     starts a commit (so the cleaner does not wait for the periodic one, up to 30 s
-    away) and tries every pending qgroup; rounds back off to _QGROUP_RETRY_MAX.
+    away) and tries every pending qgroup; rounds back off from _QGROUP_RETRY_FIRST to
+    _QGROUP_RETRY_MAX.
     """
 
     def __init__(self, filesystem: Path) -> None:
@@ -339,7 +339,7 @@ class _DroppedQgroups:
                 await self._task
 
     async def _run(self) -> None:
-        delay = 0.005
+        delay = _QGROUP_RETRY_FIRST
         while self._pending:
             await asyncio.sleep(delay)
             delay = min(delay * 2, _QGROUP_RETRY_MAX)
