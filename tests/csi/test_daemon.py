@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import signal
 import sys
 from collections.abc import AsyncIterator
+from dataclasses import asdict
 from pathlib import Path
 
 import grpc
@@ -17,6 +17,7 @@ import yaml
 
 from csi import mounts
 from csi.identity import probed
+from csi.state import StateStore
 from csi.v1 import csi_pb2, csi_pb2_grpc
 from daemon import config as configuration
 from daemon.supervisor import Daemon
@@ -148,10 +149,7 @@ async def workload(channel: grpc.aio.Channel, kubelet: Path) -> None:
 
 async def check_consistent(root: Path, pool: Path) -> None:
     """State, subvolumes, mounts and loop devices agree, with nothing pending."""
-    state = json.loads((root / "state" / "csi-state.json").read_text())
-    # Stagings and publications live in this boot's node file.
-    (node_file,) = (root / "state").glob("csi-node-state.*.json")
-    state.update(json.loads(node_file.read_text()))
+    state = asdict(StateStore(root / "state").load())
     volumes, stagings, publications = state["volumes"], state["stagings"], state["publications"]
     for kind in ("volumes", "snapshots", "stagings", "publications", "group_snapshots"):
         assert all(r["status"] == "ready" for r in state.get(kind, {}).values()), kind
