@@ -452,12 +452,27 @@ class StateStore:
             covered = self._changes
             node = json.dumps(self.state.to_json(_NODE_TABLES), indent=1, sort_keys=True)
             if node.encode() != self._node_written:
-                await asyncio.to_thread(_write_atomically, self.node_path, node.encode())
+                await _to_the_end(_write_atomically, self.node_path, node.encode())
                 self._node_written = node.encode()
             if durable:
                 records = self.state.to_json(_CONTROLLER_TABLES)
-                await asyncio.to_thread(self._write_records, records)
+                await _to_the_end(self._write_records, records)
                 self._saved = covered
+
+
+async def _to_the_end(function: Callable[..., None], *arguments: Any) -> None:
+    """Run function in a thread and wait for its end, even when the caller is cancelled.
+
+    The caller holds the write lock: released while the thread still writes, it
+    would let the next write into the same file at the same time.
+    """
+    done = asyncio.get_running_loop().run_in_executor(None, function, *arguments)
+    try:
+        await asyncio.shield(done)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await done
+        raise
 
 
 async def create_recorded(

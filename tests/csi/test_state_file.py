@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import stat
+import threading
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -374,3 +377,32 @@ async def test_a_crash_around_the_ready_write_is_finished_at_the_next_start(
         assert [p.name for p in pool.snapshots.iterdir()] == [snapshot.id]
         listed = await csi.controller.ListVolumes(csi_pb2.ListVolumesRequest())
         assert [e.volume.volume_id for e in listed.entries] == [written.id]
+
+
+async def test_a_cancelled_save_holds_the_next_one_until_its_write_ends(
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = StateStore(short_tmp / "state")
+    store.load()
+    writing = threading.Event()
+    overlapped: list[bool] = []
+    real_write = state_module._write_in_place
+
+    def slow_write(path: Path, data: bytes) -> None:
+        overlapped.append(writing.is_set())
+        writing.set()
+        time.sleep(0.2)
+        real_write(path, data)
+        writing.clear()
+
+    monkeypatch.setattr(state_module, "_write_in_place", slow_write)
+    store.state.volumes["a"] = record(1)
+    first = asyncio.create_task(store.save())
+    await asyncio.to_thread(writing.wait, 5)
+    first.cancel()
+    store.state.volumes["b"] = record(2)
+    await store.save()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    assert overlapped == [False, False], "the second write began after the first ended"
+    assert set(StateStore(short_tmp / "state").load().volumes) == {"a", "b"}
