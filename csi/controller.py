@@ -233,7 +233,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         return csi_pb2.CreateVolumeResponse(volume=self._response_volume(record))
 
     async def _check_space(self, size: int) -> None:
-        space = await self.driver.pool.space()
+        space = self.driver.pool.space()
         if size > space.total:
             raise OutOfRangeError(f"capacity_range: {size} bytes is more than the whole pool")
         if size > space.available:
@@ -340,7 +340,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
     async def GetCapacity(
         self, request: csi_pb2.GetCapacityRequest, context: Context
     ) -> csi_pb2.GetCapacityResponse:
-        available = (await self.driver.pool.space()).available
+        available = self.driver.pool.space().available
         if request.parameters or not self._servable(request.volume_capabilities):
             available = 0  # nothing can be provisioned with these
         if request.HasField("accessible_topology") and not self._is_here(

@@ -291,8 +291,8 @@ class Pool:
 
     # --- space ------------------------------------------------------------------------
 
-    async def space(self) -> Usage:
-        return await usage(self.root)
+    def space(self) -> Usage:
+        return usage(self.root)
 
     def subvolume_ids(self, directory: Path) -> set[str]:
         """The placed subvolumes in directory (not the pending ones)."""
@@ -453,8 +453,13 @@ def _is_empty_file(path: Path) -> bool:
     return stat.S_ISREG(found.st_mode) and found.st_size == 0
 
 
-async def usage(path: Path) -> Usage:
-    stats = await asyncio.to_thread(os.statvfs, path)
+def usage(path: Path) -> Usage:
+    """The space and inodes of the filesystem at path.
+
+    On the event loop, as a thread hop would cost more than the call: btrfs answers
+    statfs from counters in memory (no I/O, no lock that sleeps).
+    """
+    stats = os.statvfs(path)
     total = stats.f_blocks * stats.f_frsize
     available = stats.f_bavail * stats.f_frsize
     return Usage(
