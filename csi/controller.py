@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -30,6 +31,7 @@ from csi.errors import (
     quoted,
     rpc,
 )
+from csi.pool import pending
 from csi.state import (
     SnapshotRecord,
     Status,
@@ -207,7 +209,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
                             "more than limit_bytes"
                         )
                     size = source_size
-                await self.driver.check_space(size, size)
+                self.driver.check_space(size, size)
                 record = VolumeRecord(
                     id=validation.new_id(validation.VOLUME_PREFIX),
                     name=name,
@@ -232,26 +234,14 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
 
     async def _provision(self, record: VolumeRecord) -> None:
         """Create the volume's subvolume (empty, or a snapshot of its source), recorded."""
-        path = self.driver.pool.volume_path(record.id)
+        pool = self.driver.pool
+        path = pool.volume_path(record.id)
         kind, _, source_id = record.source.partition(":")
+        source = {"snapshot": pool.snapshot_path, "volume": pool.volume_path}.get(kind)
 
         async def work() -> None:
-            if kind == "snapshot":
-                await self.driver.pool.snapshot(
-                    self.driver.pool.snapshot_path(source_id), path, readonly=False
-                )
-            elif kind == "volume":
-                await self.driver.pool.snapshot(
-                    self.driver.pool.volume_path(source_id), path, readonly=False
-                )
-            else:
-                await self.driver.pool.create_subvolume(path)
-            if record.block and kind:
-                await self.driver.pool.grow_disk(record.id, record.capacity)
-            elif record.block:
-                await self.driver.pool.create_disk(record.id, record.capacity)
-            else:
-                await self.driver.pool.set_limit(path, record.capacity)
+            origin = source(source_id) if source is not None else None
+            await pool.provision(pending(path), origin, record.block, record.capacity)
 
         # record.source ("snapshot:<id>", "volume:<id>") is also its source's lock key.
         source_lock = [record.source] if kind else []
@@ -260,7 +250,8 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
                 self.driver.store,
                 [(self.driver.store.state.volumes, record.id, record)],
                 work,
-                self._deleter(path),
+                partial(pool.delete_made, path),
+                partial(pool.place, path),
             )
 
     def _deleter(self, path: Path) -> Callable[[], Awaitable[None]]:
@@ -336,7 +327,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
     async def GetCapacity(
         self, request: csi_pb2.GetCapacityRequest, context: Context
     ) -> csi_pb2.GetCapacityResponse:
-        available = await self.driver.pool.free_bytes()
+        available = self.driver.pool.space().available
         if request.parameters or not self._servable(request.volume_capabilities):
             available = 0  # nothing can be provisioned with these
         if request.HasField("accessible_topology") and not self._is_here(
@@ -446,18 +437,21 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         return csi_pb2.CreateSnapshotResponse(snapshot=snapshot_message(record))
 
     async def _snapshot(self, record: SnapshotRecord) -> None:
-        path = self.driver.pool.snapshot_path(record.id)
-        source = self.driver.pool.volume_path(record.source_volume_id)
+        pool = self.driver.pool
+        path = pool.snapshot_path(record.id)
+        source = pool.volume_path(record.source_volume_id)
 
         async def work() -> None:
-            await self.driver.pool.snapshot(source, path, readonly=True)
+            await pool.snapshot(source, pending(path), readonly=True)
 
-        with self.driver.locks.hold(volume_key(record.source_volume_id)):
+        # Its own key too: a restore from it waits (ABORTED) until it is in place.
+        with self.driver.locks.hold(volume_key(record.source_volume_id), snapshot_key(record.id)):
             await create_recorded(
                 self.driver.store,
                 [(self.driver.store.state.snapshots, record.id, record)],
                 work,
-                self._deleter(path),
+                partial(pool.delete_made, path),
+                partial(pool.place, path),
             )
 
     @rpc

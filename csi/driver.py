@@ -57,14 +57,16 @@ class CsiDriver:
             raise NotFoundError(f"volume {volume_id} does not exist")
         return record
 
-    async def check_space(self, size: int, needed: int) -> None:
+    def check_space(self, size: int, needed: int) -> None:
         """OUT_OF_RANGE if the pool could never hold `size` bytes; RESOURCE_EXHAUSTED if
         `needed` more bytes are not free now."""
-        if size > await self.pool.total_bytes():
+        space = self.pool.space()
+        if size > space.total:
             raise OutOfRangeError(f"capacity_range: {size} bytes is more than the whole pool")
-        free = await self.pool.free_bytes()
-        if needed > free:
-            raise ResourceExhaustedError(f"the pool has {free} bytes free, {needed} were asked for")
+        if needed > space.available:
+            raise ResourceExhaustedError(
+                f"the pool has {space.available} bytes free, {needed} were asked for"
+            )
 
     async def expand(self, volume: VolumeRecord, capacity_range: csi_pb2.CapacityRange) -> None:
         """Grow the volume to what capacity_range asks for and record it durably.
@@ -84,7 +86,7 @@ class CsiDriver:
             )
         if capacity_range.required_bytes <= volume.capacity:
             return
-        await self.check_space(size, size - volume.capacity)
+        self.check_space(size, size - volume.capacity)
         if volume.block:
             await self.pool.grow_disk(volume.id, size)
         else:

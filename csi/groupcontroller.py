@@ -2,9 +2,10 @@
 
 A group snapshot is one read-only btrfs snapshot per source volume, cut so that
 together they hold what a crash at one instant would have left on every volume
-(see Pool.snapshot_group). It is recorded like everything else: the group and its
-member snapshots are written PENDING before the cut and READY after, so a crash
-in between is undone at the next start. Members are ordinary snapshots (listed,
+(see Pool.snapshot_group). It is recorded like everything else: the members are
+cut under pending names, the group and its member snapshots written READY in one
+durable write, then the members moved into place, so a crash before the write is
+undone at the next start and one after it finished. Members are ordinary snapshots (listed,
 fetched and restored as any other) that carry their group's id; they are deleted
 with their group, not one by one.
 """
@@ -27,6 +28,7 @@ from csi.errors import (
     quoted,
     rpc,
 )
+from csi.pool import pending
 from csi.state import (
     Entry,
     GroupSnapshotRecord,
@@ -148,7 +150,11 @@ class GroupControllerServicer(csi_pb2_grpc.GroupControllerServicer):
 
     async def _cut(self, group: GroupSnapshotRecord, members: Sequence[SnapshotRecord]) -> None:
         pool = self.driver.pool
-        pairs = [(pool.volume_path(m.source_volume_id), pool.snapshot_path(m.id)) for m in members]
+        paths = [pool.snapshot_path(m.id) for m in members]
+        pairs = [
+            (pool.volume_path(m.source_volume_id), pending(path))
+            for m, path in zip(members, paths, strict=True)
+        ]
 
         async def work() -> None:
             for attempt in range(CUT_ATTEMPTS):
@@ -164,14 +170,21 @@ class GroupControllerServicer(csi_pb2_grpc.GroupControllerServicer):
             )
 
         async def undo() -> None:
-            for _, target in pairs:
-                await pool.delete_subvolume(target)
+            for path in paths:
+                await pool.delete_made(path)
+
+        async def place() -> None:
+            for path in paths:
+                await pool.place(path)
 
         state = self.driver.store.state
         entries: list[Entry] = [(state.group_snapshots, group.id, group)]
         entries += [(state.snapshots, m.id, m) for m in members]
-        with self.driver.locks.hold(*(volume_key(v) for v in group.source_volume_ids)):
-            await create_recorded(self.driver.store, entries, work, undo)
+        with self.driver.locks.hold(
+            *(volume_key(v) for v in group.source_volume_ids),
+            *(snapshot_key(m.id) for m in members),
+        ):
+            await create_recorded(self.driver.store, entries, work, undo, place)
 
     @staticmethod
     def _check_members(requested: Sequence[str], group: GroupSnapshotRecord) -> None:

@@ -72,14 +72,16 @@ class IdentityServicer(csi_pb2_grpc.IdentityServicer):
     ) -> None:
         self.driver = driver
         self.capabilities = capabilities
+        # Read once: the package metadata lookup scans sys.path (~2 ms).
+        self._info = csi_pb2.GetPluginInfoResponse(
+            name=driver.config.driver_name, vendor_version=vendor_version()
+        )
 
     @rpc
     async def GetPluginInfo(
         self, request: csi_pb2.GetPluginInfoRequest, context: Context
     ) -> csi_pb2.GetPluginInfoResponse:
-        return csi_pb2.GetPluginInfoResponse(
-            name=self.driver.config.driver_name, vendor_version=vendor_version()
-        )
+        return self._info
 
     @rpc
     async def GetPluginCapabilities(

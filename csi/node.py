@@ -363,7 +363,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         # Inode counts come from the mounted volume: only known while it is mounted.
         if problem is not None:
             return response
-        stats = await usage(Path(where.path))
+        stats = usage(Path(where.path))
         if stats.inodes:
             response.usage.add(
                 total=stats.inodes,

@@ -54,15 +54,15 @@ class Operations:
         """Return once the record found (or just started) under key is ready.
 
         A record being created under key is waited for, shielded: a caller whose
-        deadline passes leaves the operation running. A record being deleted, or
-        one no operation is working on, is ABORTED (the CO retries).
+        deadline passes leaves the operation running. It is waited for to its end,
+        even once its record is READY: the result is in place only then. A record
+        being deleted, or one no operation is working on, is ABORTED (the CO retries).
         """
-        if record.status is Status.READY:
-            return
         entry = self._running.get(key)
-        if record.status is not Status.PENDING or entry is None or entry[1] is not record:
+        if entry is not None and entry[1] is record:
+            await asyncio.shield(entry[0])
+        elif record.status is not Status.READY:
             raise AbortedError(f"{what} is being created or deleted")
-        await asyncio.shield(entry[0])
 
     def _finished(self, key: str, task: asyncio.Task[Any]) -> None:
         if self._running.get(key, (None,))[0] is task:

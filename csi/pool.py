@@ -5,6 +5,12 @@
                           volumes hold one sparse NOCOW file, `disk`, of the capacity
   <pool>/snapshots/<id>   a read-only snapshot of a volume's subvolume
 
+A subvolume is made under a pending name beside its place, `.new-<id>`, and moved
+into place (a rename: a read-only snapshot can move within its directory only)
+once its record is durable: after a crash, a pending subvolume whose record is
+READY is moved into place and any other is deleted, so a create needs no durable
+intent record of its own (see state.create_recorded).
+
 Snapshots, clones and restores are btrfs snapshots, so the data of block files is
 shared copy-on-write (a reflink copy, in effect) as much as that of filesystems.
 """
@@ -17,7 +23,7 @@ import errno
 import logging
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,13 +39,18 @@ log = logging.getLogger(__name__)
 VOLUMES = "volumes"
 SNAPSHOTS = "snapshots"
 DISK = "disk"
+PENDING_PREFIX = ".new-"
 # The inode number of every btrfs subvolume's root directory.
 _SUBVOLUME_INODE = 256
 # How long a deleted subvolume's qgroup is waited for (in the background) until the
 # kernel has dropped the subvolume; one still there after that is cleared at the next start.
 QGROUP_CLEANUP_TIMEOUT = 30.0
-# The longest pause between two attempts at destroying those qgroups.
-_QGROUP_RETRY_MAX = 0.5
+# The first and the longest pause before an attempt at destroying those qgroups. Each
+# attempt commits the pool, which on an image is an fsync on the host's filesystem
+# that the driver's own state writes then queue behind: a burst of deletions is
+# cleaned up after in a few commits, not one every few milliseconds.
+_QGROUP_RETRY_FIRST = 0.2
+_QGROUP_RETRY_MAX = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +68,11 @@ class Usage:
     inodes: int
     inodes_free: int
     inodes_used: int
+
+
+def pending(path: Path) -> Path:
+    """Where the subvolume that belongs at path is made, until its record is durable."""
+    return path.with_name(PENDING_PREFIX + path.name)
 
 
 def is_subvolume(path: Path) -> bool:
@@ -146,8 +162,34 @@ class Pool:
 
     # --- subvolumes and qgroups -------------------------------------------------------
 
-    async def create_subvolume(self, path: Path) -> None:
-        await asyncio.to_thread(btrfs.create_subvolume, path)
+    async def provision(self, path: Path, source: Path | None, block: bool, size: int) -> None:
+        """A volume's subvolume at path: empty or a writable snapshot of source, of size bytes.
+
+        A filesystem volume gets its qgroup limit; a block volume its disk file, made
+        (NOCOW, sparse) or grown from the source's. One thread hop for every step.
+        """
+        await asyncio.to_thread(_provision, path, source, block, size)
+
+    async def place(self, path: Path) -> None:
+        """Move the subvolume made at pending(path) to path."""
+        await asyncio.to_thread(pending(path).rename, path)
+
+    async def delete_made(self, path: Path) -> None:
+        """Delete the subvolume that belongs at path, pending or placed."""
+        for made in (pending(path), path):
+            await self.delete_subvolume(made)
+
+    async def finish_pending(self, directory: Path, ready: Collection[str]) -> None:
+        """After a crash: move the pending subvolumes under directory whose id is in ready
+        into place (their record was written), and delete the others (it was not)."""
+        for name in await asyncio.to_thread(_pending_names, directory):
+            path = directory / name
+            if name in ready and not path.exists():
+                log.info("placing a subvolume created before a crash", extra={"path": str(path)})
+                await self.place(path)
+            else:
+                log.warning("deleting a half-created subvolume", extra={"path": str(path)})
+                await self.delete_subvolume(pending(path))
 
     async def snapshot(self, source: Path, target: Path, readonly: bool) -> None:
         await asyncio.to_thread(btrfs.snapshot, source, target, readonly)
@@ -226,9 +268,6 @@ class Pool:
 
     # --- block files ------------------------------------------------------------------
 
-    async def create_disk(self, volume_id: str, size: int) -> None:
-        await asyncio.to_thread(_create_disk, self.disk_path(volume_id), size)
-
     async def grow_disk(self, volume_id: str, size: int) -> None:
         disk = self.disk_path(volume_id)
         if disk.stat().st_size < size:
@@ -252,17 +291,17 @@ class Pool:
 
     # --- space ------------------------------------------------------------------------
 
-    async def free_bytes(self) -> int:
-        stats = await asyncio.to_thread(os.statvfs, self.root)
-        return stats.f_bavail * stats.f_frsize
-
-    async def total_bytes(self) -> int:
-        stats = await asyncio.to_thread(os.statvfs, self.root)
-        return stats.f_blocks * stats.f_frsize
+    def space(self) -> Usage:
+        return usage(self.root)
 
     def subvolume_ids(self, directory: Path) -> set[str]:
+        """The placed subvolumes in directory (not the pending ones)."""
         try:
-            return {p.name for p in directory.iterdir() if is_subvolume(p)}
+            return {
+                p.name
+                for p in directory.iterdir()
+                if not p.name.startswith(PENDING_PREFIX) and is_subvolume(p)
+            }
         except FileNotFoundError:
             return set()
 
@@ -274,7 +313,8 @@ class _DroppedQgroups:
     then its qgroup is busy (EBUSY). Linux 6.7+ removes the qgroup itself once the
     subvolume is dropped (ENOENT here); older kernels leave it for us. Each round
     starts a commit (so the cleaner does not wait for the periodic one, up to 30 s
-    away) and tries every pending qgroup; rounds back off to _QGROUP_RETRY_MAX.
+    away) and tries every pending qgroup; rounds back off from _QGROUP_RETRY_FIRST to
+    _QGROUP_RETRY_MAX.
     """
 
     def __init__(self, filesystem: Path) -> None:
@@ -299,7 +339,7 @@ class _DroppedQgroups:
                 await self._task
 
     async def _run(self) -> None:
-        delay = 0.005
+        delay = _QGROUP_RETRY_FIRST
         while self._pending:
             await asyncio.sleep(delay)
             delay = min(delay * 2, _QGROUP_RETRY_MAX)
@@ -351,6 +391,26 @@ def _referenced(filesystem: Path, path: Path) -> int:
     return btrfs.referenced(filesystem, btrfs.info(path).id) or 0
 
 
+def _provision(path: Path, source: Path | None, block: bool, size: int) -> None:
+    if source is None:
+        btrfs.create_subvolume(path)
+    else:
+        btrfs.snapshot(source, path, readonly=False)
+    disk = path / DISK
+    if block and source is None:
+        _create_disk(disk, size)
+    elif block:
+        if disk.stat().st_size < size:
+            os.truncate(disk, size)
+    else:
+        btrfs.set_limit(path, size)
+
+
+def _pending_names(directory: Path) -> list[str]:
+    """The ids of the pending subvolumes in directory."""
+    return [p.name.removeprefix(PENDING_PREFIX) for p in directory.glob(f"{PENDING_PREFIX}*")]
+
+
 def _create_disk(disk: Path, size: int) -> None:
     descriptor = os.open(disk, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
@@ -393,8 +453,13 @@ def _is_empty_file(path: Path) -> bool:
     return stat.S_ISREG(found.st_mode) and found.st_size == 0
 
 
-async def usage(path: Path) -> Usage:
-    stats = await asyncio.to_thread(os.statvfs, path)
+def usage(path: Path) -> Usage:
+    """The space and inodes of the filesystem at path.
+
+    On the event loop, as a thread hop would cost more than the call: btrfs answers
+    statfs from counters in memory (no I/O, no lock that sleeps).
+    """
+    stats = os.statvfs(path)
     total = stats.f_blocks * stats.f_frsize
     available = stats.f_bavail * stats.f_frsize
     return Usage(

@@ -1,8 +1,10 @@
 """After a start (or a crash), make the state store and reality agree.
 
 Operations record their intent before they act, so whatever a crash interrupted
-is visible as a record that is not READY: it is undone (a half-created volume is
-deleted, a half-done mount unmounted) or finished (a deletion). READY records
+is visible as a record that is not READY: it is undone (a half-done mount
+unmounted) or finished (a deletion). Creates in the pool are visible by their
+pending subvolumes instead: moved into place if their READY record was written,
+else deleted. READY records
 whose mount or loop device is gone (a reboot) are dropped, and mounts or loop
 devices of pool volumes that no record explains are removed. Subvolumes that no
 record explains are only reported: without a record we cannot tell leaked data
@@ -13,12 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 from csi import mounts
 from csi.errors import InvalidArgumentError
 from csi.pool import VOLUMES, Pool
-from csi.state import State, StateStore, Status
+from csi.state import Rec, State, StateStore, Status
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +49,9 @@ async def _volumes(state: State, pool: Pool) -> None:
             "finishing an interrupted volume operation",
             extra={"volume": record.id, "status": record.status},
         )
-        await pool.delete_subvolume(pool.volume_path(record.id))
+        await pool.delete_made(pool.volume_path(record.id))
         del state.volumes[record.id]
+    await pool.finish_pending(pool.volumes, _ready(state.volumes))
 
 
 async def _snapshots(state: State, pool: Pool) -> None:
@@ -55,8 +59,13 @@ async def _snapshots(state: State, pool: Pool) -> None:
         if record.status is Status.READY:
             continue
         log.warning("finishing an interrupted snapshot operation", extra={"snapshot": record.id})
-        await pool.delete_subvolume(pool.snapshot_path(record.id))
+        await pool.delete_made(pool.snapshot_path(record.id))
         del state.snapshots[record.id]
+    await pool.finish_pending(pool.snapshots, _ready(state.snapshots))
+
+
+def _ready(table: Mapping[str, Rec]) -> set[str]:
+    return {key for key, record in table.items() if record.status is Status.READY}
 
 
 def _group_snapshots(state: State) -> None:

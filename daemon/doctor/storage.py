@@ -7,6 +7,7 @@ import stat
 from pathlib import Path
 
 from csi.config import PoolConfig
+from csi.state import STATE_FILES
 from daemon import hostprobe, mountinfo
 from daemon.config import Config
 from daemon.doctor.report import Report, Section
@@ -139,7 +140,7 @@ def _check_modes(section: Section, pool: PoolConfig, state_dir: Path) -> None:
         (pool.path / "volumes", True),
         (pool.path / "snapshots", True),
         (state_dir, True),
-        (state_dir / "csi-state.json", True),
+        *((state_dir / name, True) for name in STATE_FILES),
     ]
     if pool.image is not None:
         candidates.append((pool.image, True))

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import signal
 import sys
 from collections.abc import AsyncIterator
+from dataclasses import asdict
 from pathlib import Path
 
 import grpc
@@ -17,6 +17,7 @@ import yaml
 
 from csi import mounts
 from csi.identity import probed
+from csi.state import StateStore
 from csi.v1 import csi_pb2, csi_pb2_grpc
 from daemon import config as configuration
 from daemon.supervisor import Daemon
@@ -146,12 +147,43 @@ async def workload(channel: grpc.aio.Channel, kubelet: Path) -> None:
     )
 
 
+async def teardown(channel: grpc.aio.Channel, kubelet: Path) -> None:
+    """Undo what workload made: the group, the snapshots, publications, stagings, volumes."""
+    controller = csi_pb2_grpc.ControllerStub(channel)
+    node = csi_pb2_grpc.NodeStub(channel)
+    snapshots = [
+        e.snapshot for e in (await controller.ListSnapshots(csi_pb2.ListSnapshotsRequest())).entries
+    ]
+    for group_id in {s.group_snapshot_id for s in snapshots if s.group_snapshot_id}:
+        await csi_pb2_grpc.GroupControllerStub(channel).DeleteVolumeGroupSnapshot(
+            csi_pb2.DeleteVolumeGroupSnapshotRequest(group_snapshot_id=group_id)
+        )
+    for snapshot in snapshots:
+        if not snapshot.group_snapshot_id:
+            await controller.DeleteSnapshot(
+                csi_pb2.DeleteSnapshotRequest(snapshot_id=snapshot.snapshot_id)
+            )
+    volumes = [
+        e.volume for e in (await controller.ListVolumes(csi_pb2.ListVolumesRequest())).entries
+    ]
+    for volume in volumes:
+        for name in ("fs", "blk"):  # not knowing which is which, as after a crash
+            await node.NodeUnpublishVolume(
+                csi_pb2.NodeUnpublishVolumeRequest(
+                    volume_id=volume.volume_id, target_path=str(kubelet / "pods" / name)
+                )
+            )
+            await node.NodeUnstageVolume(
+                csi_pb2.NodeUnstageVolumeRequest(
+                    volume_id=volume.volume_id, staging_target_path=str(kubelet / "staging" / name)
+                )
+            )
+        await controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=volume.volume_id))
+
+
 async def check_consistent(root: Path, pool: Path) -> None:
     """State, subvolumes, mounts and loop devices agree, with nothing pending."""
-    state = json.loads((root / "state" / "csi-state.json").read_text())
-    # Stagings and publications live in this boot's node file.
-    (node_file,) = (root / "state").glob("csi-node-state.*.json")
-    state.update(json.loads(node_file.read_text()))
+    state = asdict(StateStore(root / "state").load())
     volumes, stagings, publications = state["volumes"], state["stagings"], state["publications"]
     for kind in ("volumes", "snapshots", "stagings", "publications", "group_snapshots"):
         assert all(r["status"] == "ready" for r in state.get(kind, {}).values()), kind
@@ -186,17 +218,22 @@ async def check_consistent(root: Path, pool: Path) -> None:
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("delay", [0.02, 0.08, 0.2, 0.4, 0.7])
+@pytest.mark.parametrize("delay", [0.02, 0.08, 0.2, 0.4, 0.7, 1.0, 1.3])
 async def test_kill_9_mid_operation_then_restart_is_consistent(
     short_tmp: Path, btrfs_pool: Path, delay: float
 ) -> None:
     kubelet = short_tmp / "kubelet"
     (kubelet / "pods").mkdir(parents=True)
+
+    async def made_and_undone(channel: grpc.aio.Channel) -> None:
+        await workload(channel, kubelet)
+        await teardown(channel, kubelet)
+
     async with (
         daemon_process(short_tmp, btrfs_pool) as process,
         grpc.aio.insecure_channel(f"unix:{csi_socket(short_tmp)}") as channel,
     ):
-        work = asyncio.create_task(workload(channel, kubelet))
+        work = asyncio.create_task(made_and_undone(channel))
         await asyncio.sleep(delay)
         os.kill(process.pid, signal.SIGKILL)
         await process.wait()

@@ -57,7 +57,7 @@ async def retried(call: Callable[[], Awaitable[T]], tries: int = 12) -> tuple[T,
 async def test_a_slow_create_volume_finishes_for_the_retry(
     csi: Client, slow_pool: Callable[[str], None]
 ) -> None:
-    slow_pool("create_subvolume")
+    slow_pool("provision")
     request = create_request("pvc-slow")
     response, timeouts = await retried(
         lambda: csi.controller.CreateVolume(request, timeout=DEADLINE)
@@ -105,7 +105,7 @@ async def test_a_slow_group_snapshot_finishes_for_the_retry(
 async def test_a_create_in_flight_when_the_driver_stops_leaves_nothing(
     csi: Client, slow_pool: Callable[[str], None]
 ) -> None:
-    slow_pool("create_subvolume")
+    slow_pool("provision")
     with pytest.raises(grpc.aio.AioRpcError):
         await csi.controller.CreateVolume(create_request("pvc-stopped"), timeout=DEADLINE)
     assert csi.driver.store.state.volumes, "the create goes on after the deadline"

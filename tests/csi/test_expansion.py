@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import errno
 import fcntl
-import json
 import os
 import signal
 import struct
@@ -30,6 +29,7 @@ import yaml
 
 from csi.config import Mode as CsiMode
 from csi.identity import probed
+from csi.state import StateStore
 from csi.v1 import csi_pb2, csi_pb2_grpc
 from daemon import config as configuration
 from daemon.reload import ConfigReloader
@@ -438,8 +438,8 @@ async def test_a_shrink_is_refused_and_a_smaller_request_changes_nothing(
 async def test_the_node_checks_space_as_create_does(node: Client) -> None:
     volume = await created(node, "pvc-space", 16 * MiB, block=False)
     await stage_and_publish(node, volume)
-    total = await node.driver.pool.total_bytes()
-    free = await node.driver.pool.free_bytes()
+    space = node.driver.pool.space()
+    total, free = space.total, space.available
     assert await code_of(node.node.NodeExpandVolume(node_request(volume, total + MiB))) == (
         Code.OUT_OF_RANGE
     )
@@ -475,9 +475,9 @@ async def test_a_node_restart_between_the_two_steps_loses_nothing(
         await stage_and_publish(node, blk)  # offline: staged after the restart
         assert await node_step(node, blk, blk_size) == 32 * MiB
     # And the new sizes outlive the next restart: they are in the state file.
-    state = json.loads((root / "state" / "csi-state.json").read_text())
-    assert state["volumes"][fs.volume_id]["capacity"] == 64 * MiB
-    assert state["volumes"][blk.volume_id]["capacity"] == 32 * MiB
+    state = StateStore(root / "state").load()
+    assert state.volumes[fs.volume_id].capacity == 64 * MiB
+    assert state.volumes[blk.volume_id].capacity == 32 * MiB
     async with serving(root, btrfs_pool) as node:
         assert await stats_total(node, fs) == 64 * MiB
         assert refused_write(fs.target, 40 * MiB) is None

@@ -82,7 +82,7 @@ async def test_no_file_of_the_driver_is_readable_by_another_user(open_root: Path
     driver = CsiDriver(image_config(open_root), open_root / "kubelet", open_root / "state")
     await driver.start()
     volume = driver.pool.volume_path("v" + "1" * 32)
-    await driver.pool.create_subvolume(volume)
+    await driver.pool.provision(volume, None, block=False, size=2**30)
     secret = volume / "secret"
     descriptor = os.open(secret, os.O_WRONLY | os.O_CREAT, 0o600)
     os.write(descriptor, b"the volume's own data")
@@ -91,13 +91,16 @@ async def test_no_file_of_the_driver_is_readable_by_another_user(open_root: Path
 
     assert mode(open_root / "pool.img") == 0o600
     assert mode(open_root / "state") == 0o700
-    assert mode(driver.store.path) == 0o600
+    state_files = [path for path in driver.store.paths if path.exists()]
+    assert state_files
+    for path in state_files:
+        assert mode(path) == 0o600, path
     for directory in (driver.pool.root, driver.pool.volumes, driver.pool.snapshots):
         assert mode(directory) == 0o700, directory
     probes = [
         open_root / "pool.img",
         open_root / "state",
-        driver.store.path,
+        *state_files,
         driver.pool.root,
         driver.pool.volumes,
         secret,

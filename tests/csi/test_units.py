@@ -61,9 +61,9 @@ async def test_state_survives_a_round_trip_and_writes_atomically(short_tmp: Path
         ["csi-state.json", store.node_path.name]
     )
     assert StateStore(short_tmp / "state").load() == store.state
-    data = json.loads(store.path.read_text())
+    data = json.loads(store.paths[0].read_text())
     data["version"] = 99
-    store.path.write_text(json.dumps(data))
+    store.paths[0].write_text(json.dumps(data))
     with pytest.raises(StateFileError, match="version"):
         StateStore(short_tmp / "state").load()
     assert StateStore(short_tmp / "missing").load() == State()
@@ -75,22 +75,20 @@ async def test_concurrent_saves_share_writes_and_each_returns_durable(
     store = StateStore(short_tmp / "state")
     store.load()
     writes: list[bytes] = []
-    real_write = state_module._write_atomically
+    real_write = state_module._write_in_place
 
-    def counting_write(path: Path, data: bytes, durable: bool = True) -> None:
-        if path == store.path:
-            writes.append(data)
-        real_write(path, data, durable)
+    def counting_write(path: Path, data: bytes) -> None:
+        writes.append(data)
+        real_write(path, data)
 
-    monkeypatch.setattr(state_module, "_write_atomically", counting_write)
+    monkeypatch.setattr(state_module, "_write_in_place", counting_write)
 
     async def change_and_save(index: int) -> None:
         record = VolumeRecord(f"v{index:032x}", f"pvc-{index}", MiB, False, {}, "", 1.0)
         store.state.volumes[record.id] = record
         await store.save()
         # When save() returns, this caller's change is on disk.
-        on_disk = json.loads(store.path.read_text())
-        assert record.id in json.dumps(on_disk)
+        assert record.id in StateStore(short_tmp / "state").load().volumes
 
     await asyncio.gather(*(change_and_save(i) for i in range(20)))
     assert len(writes) < 20, "callers queued behind a write share the next one"
