@@ -356,22 +356,25 @@ def row(name: str, ours: Timings, baseline: Timings) -> str:
     )
 
 
-async def main(rounds: int, devices: int, startups: int) -> None:
+async def main(rounds: int, devices: int, startups: int, only: str | None) -> None:
     compile_as_installed()
     root = Path(tempfile.mkdtemp(prefix="npb-", dir="/tmp"))
     results = []
     try:
-        results.append((f"Allocate ({rounds} calls)", *await bench_allocate(root, rounds)))
-        list_rounds = max(5, rounds // 100)
-        name = f"ListAndWatch first send, {devices} dev"
-        results.append((name, *await bench_list(root, list_rounds, devices)))
-        if os.geteuid() == 0:
+        if only in (None, "allocate"):
+            results.append((f"Allocate ({rounds} calls)", *await bench_allocate(root, rounds)))
+        if only in (None, "list"):
+            list_rounds = max(5, rounds // 100)
+            name = f"ListAndWatch first send, {devices} dev"
+            results.append((name, *await bench_list(root, list_rounds, devices)))
+        if os.geteuid() == 0 and only in (None, "hotplug"):
             name = "hotplug (mknod) -> kubelet update"
             results.append((name, *await bench_hotplug(root, max(20, rounds // 50))))
+        if os.geteuid() == 0 and only in (None, "startup"):
             in_process, processes = await bench_startup(root, startups, devices)
             results.append((f"start-up, {devices} glob dev, in process", *in_process))
             results.append((f"start-up, {devices} glob dev, exec", *processes))
-        else:
+        if os.geteuid() != 0:
             print("hotplug and start-up: skipped (need root for mknod)", file=sys.stderr)
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -389,6 +392,9 @@ if __name__ == "__main__":
     )
     parser.add_argument("--devices", type=int, default=60_000)
     parser.add_argument("--startups", type=int, default=5, help="start-ups to time, each way")
+    parser.add_argument(
+        "--only", choices=("allocate", "list", "hotplug", "startup"), help="run one row's bench"
+    )
     bare = parser.add_argument_group("the bare baseline's own process (used by the benchmark)")
     bare.add_argument("--serve-bare", type=Path, metavar="SOCKET", help=argparse.SUPPRESS)
     bare.add_argument("--allocate", type=Path, help=argparse.SUPPRESS)
@@ -399,4 +405,4 @@ if __name__ == "__main__":
     if options.serve_bare is not None:
         asyncio.run(serve_bare(options))
     else:
-        asyncio.run(main(options.rounds, options.devices, options.startups))
+        asyncio.run(main(options.rounds, options.devices, options.startups, options.only))
