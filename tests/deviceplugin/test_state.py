@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from deviceplugin.backend import Device
+from deviceplugin.names import device_id_problem
 from deviceplugin.state import DeviceState
 from deviceplugin.v1beta1 import api_pb2
 
@@ -60,6 +61,22 @@ async def test_unusable_devices_are_dropped_and_logged(
         state.update([Device("ok"), Device(device_id), Device("dup")])
     assert set(state.devices) == {"ok", "dup"}
     assert "unusable device" in caplog.text
+
+
+@given(
+    ids=st.lists(
+        st.sampled_from(["a", "b", "a::0", "x" * 63, "x" * 64, "a b", "a,b", "", "é"])
+        | st.text(max_size=4),
+        max_size=8,
+    ),
+    replicas=st.integers(1, 2),
+)
+def test_a_snapshot_keeps_each_usable_id_once_in_order(ids: list[str], replicas: int) -> None:
+    state = DeviceState(replicas)
+    state.update([Device(i) for i in ids])
+    usable = [i for i in ids if device_id_problem(i) is None and not (replicas > 1 and "::" in i)]
+    assert list(state.devices) == list(dict.fromkeys(usable))
+    assert [d.id for d in state.reported] == list(state.devices)
 
 
 async def test_replicas_expand_with_topology() -> None:
