@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
@@ -43,6 +43,32 @@ class Unit(NamedTuple):
         return self.device.healthy
 
 
+class _WholeDevices(Mapping[str, Unit]):
+    """The units of a resource without replicas: one per device, each made when asked for.
+
+    Made on every change, tens of thousands of units would be work for nothing (an
+    Allocate looks up a few) and objects for the garbage collector to walk, again and
+    again, while a large first list is being built.
+    """
+
+    __slots__ = ("_devices",)
+
+    def __init__(self, devices: Mapping[str, Device]) -> None:
+        self._devices = devices
+
+    def __getitem__(self, unit_id: str) -> Unit:
+        return Unit(unit_id, self._devices[unit_id])
+
+    def __contains__(self, unit_id: object) -> bool:
+        return unit_id in self._devices
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._devices)
+
+    def __len__(self) -> int:
+        return len(self._devices)
+
+
 @dataclass(frozen=True, slots=True)
 class Diff:
     added: tuple[str, ...]
@@ -62,7 +88,7 @@ class DeviceState:
             raise ValueError("replicas must be at least 1")
         self.replicas = replicas
         self.devices: dict[str, Device] = {}
-        self.units: dict[str, Unit] = {}
+        self.units: Mapping[str, Unit] = {}
         self.version = 0
         self.response = api_pb2.ListAndWatchResponse()
         self._changed = asyncio.Event()
@@ -112,16 +138,17 @@ class DeviceState:
         self.devices = devices
         self.units = self._expand(devices)
         if diff or self.version == 0:
-            self.response = _list_response(self.units.values())
+            pairs = devices.items() if self.replicas == 1 else self.units.values()
+            self.response = _list_response(pairs)
             _warn_if_too_large(self.response, len(self.units))
             self.version += 1
             self._changed.set()
             self._changed = asyncio.Event()
         return diff
 
-    def _expand(self, devices: dict[str, Device]) -> dict[str, Unit]:
+    def _expand(self, devices: dict[str, Device]) -> Mapping[str, Unit]:
         if self.replicas == 1:
-            return {device_id: Unit(device_id, device) for device_id, device in devices.items()}
+            return _WholeDevices(devices)
         return {
             unit_id: Unit(unit_id, device)
             for device in devices.values()
@@ -173,8 +200,8 @@ def _warn_if_too_large(response: api_pb2.ListAndWatchResponse, units: int) -> No
         )
 
 
-def _list_response(units: Iterable[Unit]) -> api_pb2.ListAndWatchResponse:
-    """The device list the kubelet gets.
+def _list_response(units: Iterable[tuple[str, Device]]) -> api_pb2.ListAndWatchResponse:
+    """The device list the kubelet gets, from (unit id, device) pairs.
 
     Written in the protobuf wire format and parsed once: building tens of thousands
     of Device messages field by field through the protobuf API took ~7 us each. Only
@@ -187,13 +214,12 @@ def _list_response(units: Iterable[Unit]) -> api_pb2.ListAndWatchResponse:
     tails: dict[tuple[bool, int | None], bytes] = {}
     heads: dict[tuple[int, int], bytes] = {}
     parts: list[bytes] = []
-    for unit in units:
-        device = unit.device
+    for unit_id, device in units:
         key = (device.healthy, device.numa_node)
         tail = tails.get(key)
         if tail is None:
             tail = tails[key] = _device_without_id(*key).SerializeToString()
-        identifier = unit.id.encode()
+        identifier = unit_id.encode()
         lengths = (len(identifier), len(tail))
         head = heads.get(lengths)
         if head is None:

@@ -79,6 +79,18 @@ def test_a_snapshot_keeps_each_usable_id_once_in_order(ids: list[str], replicas:
     assert [d.id for d in state.reported] == list(state.devices)
 
 
+def test_units_are_the_devices_or_their_replicas() -> None:
+    whole = DeviceState()
+    whole.update([Device("a"), Device("b", healthy=False)])
+    assert dict(whole.units) == {"a": ("a", Device("a")), "b": ("b", Device("b", healthy=False))}
+    assert len(whole.units) == 2 and "a" in whole.units and "a::0" not in whole.units
+    assert whole.units.get("c") is None and not whole.units["b"].healthy
+    shared = DeviceState(replicas=2)
+    shared.update([Device("a")])
+    assert dict(shared.units) == {"a::0": ("a::0", Device("a")), "a::1": ("a::1", Device("a"))}
+    assert "a" not in shared.units
+
+
 async def test_replicas_expand_with_topology() -> None:
     state = DeviceState(replicas=2)
     state.update([Device("gpu0", numa_node=1)])
