@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from enum import StrEnum
 
 from deviceplugin.errors import InvalidRequestError, quoted
-from deviceplugin.state import Unit
+from deviceplugin.state import DeviceState, Unit
 
 
 class Policy(StrEnum):
@@ -49,12 +49,13 @@ def check_ids(field: str, ids: Sequence[str], units: Mapping[str, Unit]) -> list
 
 
 def preferred_allocation(
-    units: Mapping[str, Unit],
+    state: DeviceState,
     available: Sequence[str],
     must_include: Sequence[str],
     size: int,
     policy: Policy = Policy.SPREAD,
 ) -> list[str]:
+    units = state.units
     offered = list(dict.fromkeys(available))  # the kubelet sends sets: repeats mean nothing
     offered_set = set(offered)
     required = [i for i in dict.fromkeys(must_include) if i in offered_set]
@@ -74,20 +75,19 @@ def preferred_allocation(
     unknown = [i for i in rest if i not in units]
     need = size - len(required)
     known_required = [units[i] for i in required if i in units]
-    chosen = _choose(units, pool, known_required, min(need, len(pool)), policy)
+    chosen = _choose(state.replicas, pool, known_required, min(need, len(pool)), policy)
     return required + [unit.id for unit in chosen] + unknown[: need - len(chosen)]
 
 
 def _choose(
-    units: Mapping[str, Unit], pool: list[Unit], required: list[Unit], need: int, policy: Policy
+    replicas: int, pool: list[Unit], required: list[Unit], need: int, policy: Policy
 ) -> list[Unit]:
     if need == 0:
         return []
     numa = _target_numa(pool, required, need)
     # Replicas of a device that the kubelet did not offer are in use by other containers.
-    total = Counter(unit.device.id for unit in units.values())
     free = Counter(unit.device.id for unit in pool)
-    in_use = {device: total[device] - free[device] for device in free}
+    in_use = {device: replicas - count for device, count in free.items()}
     for unit in required:
         in_use[unit.device.id] = in_use.get(unit.device.id, 0) + 1
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 
 # k8s.io/apimachinery IsQualifiedName: an optional DNS-1123 subdomain prefix and a name.
 _NAME_PART = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
@@ -12,6 +13,10 @@ _QUOTA_PREFIX = "requests."
 # Ids are joined with commas in NODEPLUG_<RESOURCE>; whitespace breaks the kubelet's logs.
 _ID_FORBIDDEN = re.compile(r"[\s,]")
 MAX_DEVICE_ID_LENGTH = 63
+# Ids any check below passes: printable ASCII but space and comma, 1-63 of them. Matched
+# once against a whole snapshot's ids, newline-separated, instead of id by id.
+_PLAIN_ID = r"[!-+\--~]{1,63}"
+_PLAIN_IDS = re.compile(rf"{_PLAIN_ID}(?:\n{_PLAIN_ID})*")
 # Longest path a sockaddr_un holds, less the terminating NUL.
 MAX_SOCKET_PATH = 107
 
@@ -56,6 +61,14 @@ def device_id_problem(device_id: str) -> str | None:
     if not device_id.isprintable() or _ID_FORBIDDEN.search(device_id):
         return f"device id {device_id!r} has whitespace, a comma or an unprintable character"
     return None
+
+
+def all_plainly_usable(device_ids: Sequence[str]) -> bool:
+    """True when every id is surely usable; False: ask device_id_problem id by id.
+
+    Tens of thousands of ids are checked in one regex match, at C speed.
+    """
+    return _PLAIN_IDS.fullmatch("\n".join(device_ids)) is not None
 
 
 def socket_file_name(resource_name: str, directory_length: int) -> str:

@@ -110,7 +110,7 @@ class DevicePluginServicer(api_pb2_grpc.DevicePluginServicer):
         response = api_pb2.PreferredAllocationResponse()
         for container in request.container_requests:
             chosen = preferred_allocation(
-                self.state.units,
+                self.state,
                 container.available_deviceIDs,
                 container.must_include_deviceIDs,
                 container.allocation_size,

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 from deviceplugin.backend import Device
-from deviceplugin.names import device_id_problem
+from deviceplugin.names import all_plainly_usable, device_id_problem
 from deviceplugin.v1beta1 import api_pb2
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,32 @@ class Unit(NamedTuple):
         return self.device.healthy
 
 
+class _WholeDevices(Mapping[str, Unit]):
+    """The units of a resource without replicas: one per device, each made when asked for.
+
+    Made on every change, tens of thousands of units would be work for nothing (an
+    Allocate looks up a few) and objects for the garbage collector to walk, again and
+    again, while a large first list is being built.
+    """
+
+    __slots__ = ("_devices",)
+
+    def __init__(self, devices: Mapping[str, Device]) -> None:
+        self._devices = devices
+
+    def __getitem__(self, unit_id: str) -> Unit:
+        return Unit(unit_id, self._devices[unit_id])
+
+    def __contains__(self, unit_id: object) -> bool:
+        return unit_id in self._devices
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._devices)
+
+    def __len__(self) -> int:
+        return len(self._devices)
+
+
 @dataclass(frozen=True, slots=True)
 class Diff:
     added: tuple[str, ...]
@@ -62,7 +88,7 @@ class DeviceState:
             raise ValueError("replicas must be at least 1")
         self.replicas = replicas
         self.devices: dict[str, Device] = {}
-        self.units: dict[str, Unit] = {}
+        self.units: Mapping[str, Unit] = {}
         self.version = 0
         self.response = api_pb2.ListAndWatchResponse()
         self._changed = asyncio.Event()
@@ -98,34 +124,46 @@ class DeviceState:
         self._changed.set()
 
     def _rebuild(self) -> Diff:
-        devices = {}
-        for reported in self.reported:
-            override = self._health_overrides.get(reported.id)
-            if override is None or override == reported.healthy:
-                devices[reported.id] = reported
-            else:
-                devices[reported.id] = replace(reported, healthy=override)
+        if self._health_overrides:
+            devices = {}
+            for reported in self.reported:
+                override = self._health_overrides.get(reported.id)
+                if override is None or override == reported.healthy:
+                    devices[reported.id] = reported
+                else:
+                    devices[reported.id] = replace(reported, healthy=override)
+        else:
+            devices = {reported.id: reported for reported in self.reported}
         diff = _diff(self.devices, devices)
         self.devices = devices
-        self.units = {unit.id: unit for unit in self._expand(devices.values())}
+        self.units = self._expand(devices)
         if diff or self.version == 0:
-            self.response = _list_response(self.units.values())
+            pairs = devices.items() if self.replicas == 1 else self.units.values()
+            self.response = _list_response(pairs)
             _warn_if_too_large(self.response, len(self.units))
             self.version += 1
             self._changed.set()
             self._changed = asyncio.Event()
         return diff
 
-    def _expand(self, devices: Iterable[Device]) -> Iterable[Unit]:
-        for device in devices:
-            if self.replicas == 1:
-                yield Unit(device.id, device)
-            else:
-                for index in range(self.replicas):
-                    yield Unit(f"{device.id}{REPLICA_SEPARATOR}{index}", device)
+    def _expand(self, devices: dict[str, Device]) -> Mapping[str, Unit]:
+        if self.replicas == 1:
+            return _WholeDevices(devices)
+        return {
+            unit_id: Unit(unit_id, device)
+            for device in devices.values()
+            for unit_id in (f"{device.id}{REPLICA_SEPARATOR}{i}" for i in range(self.replicas))
+        }
 
     def _valid(self, snapshot: Sequence[Device]) -> list[Device]:
         """Drop (and log) devices the kubelet could not take, instead of failing the resource."""
+        ids = [device.id for device in snapshot]
+        if (
+            all_plainly_usable(ids)
+            and len(set(ids)) == len(ids)
+            and (self.replicas == 1 or not any(REPLICA_SEPARATOR in i for i in ids))
+        ):
+            return list(snapshot)
         valid: dict[str, Device] = {}
         for device in snapshot:
             problem = device_id_problem(device.id)
@@ -141,6 +179,8 @@ class DeviceState:
 
 
 def _diff(old: dict[str, Device], new: dict[str, Device]) -> Diff:
+    if not old:  # the first snapshot: nothing to compare
+        return Diff(added=tuple(sorted(new)), removed=(), changed=())
     return Diff(
         added=tuple(sorted(new.keys() - old.keys())),
         removed=tuple(sorted(old.keys() - new.keys())),
@@ -160,26 +200,33 @@ def _warn_if_too_large(response: api_pb2.ListAndWatchResponse, units: int) -> No
         )
 
 
-def _list_response(units: Iterable[Unit]) -> api_pb2.ListAndWatchResponse:
-    """The device list the kubelet gets.
+def _list_response(units: Iterable[tuple[str, Device]]) -> api_pb2.ListAndWatchResponse:
+    """The device list the kubelet gets, from (unit id, device) pairs.
 
     Written in the protobuf wire format and parsed once: building tens of thousands
     of Device messages field by field through the protobuf API took ~7 us each. Only
     the framing and the ID field are written here; everything else about a device
     (health, topology) is the protobuf library's own encoding of a Device without ID,
     one per distinct (health, NUMA node). Fields concatenated in field order are the
-    canonical encoding (tests/deviceplugin/test_state.py compares the two).
+    canonical encoding (tests/deviceplugin/test_state.py compares the two). The bytes
+    before an id depend only on its length and its tail's: made once per pair.
     """
     tails: dict[tuple[bool, int | None], bytes] = {}
+    heads: dict[tuple[int, int], bytes] = {}
     parts: list[bytes] = []
-    for unit in units:
-        key = (unit.healthy, unit.device.numa_node)
+    for unit_id, device in units:
+        key = (device.healthy, device.numa_node)
         tail = tails.get(key)
         if tail is None:
             tail = tails[key] = _device_without_id(*key).SerializeToString()
-        identifier = unit.id.encode()
-        entry = _ID_TAG + _varint(len(identifier)) + identifier + tail
-        parts += (_DEVICES_TAG, _varint(len(entry)), entry)
+        identifier = unit_id.encode()
+        lengths = (len(identifier), len(tail))
+        head = heads.get(lengths)
+        if head is None:
+            framed_id = _ID_TAG + _varint(lengths[0])
+            entry_length = len(framed_id) + lengths[0] + lengths[1]
+            head = heads[lengths] = _DEVICES_TAG + _varint(entry_length) + framed_id
+        parts += (head, identifier, tail)
     return api_pb2.ListAndWatchResponse.FromString(b"".join(parts))
 
 
@@ -194,13 +241,8 @@ def _device_without_id(healthy: bool, numa_node: int | None) -> api_pb2.Device:
     return device
 
 
-_ONE_BYTE_VARINTS = [bytes([value]) for value in range(0x80)]
-
-
 def _varint(value: int) -> bytes:
     """A non-negative int as a protobuf varint: 7 bits a byte, low first."""
-    if value < 0x80:
-        return _ONE_BYTE_VARINTS[value]
     out = bytearray()
     while value >= 0x80:
         out.append(value & 0x7F | 0x80)

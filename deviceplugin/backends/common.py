@@ -12,11 +12,15 @@ from deviceplugin import configkit
 from deviceplugin.names import MAX_DEVICE_ID_LENGTH
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+# What device_id returns unchanged: safe characters, no "-" at either end, 1-63 of them.
+_SAFE = re.compile(r"[A-Za-z0-9._](?:[A-Za-z0-9._-]{0,61}[A-Za-z0-9._])?")
 _HASH_LENGTH = 12
 
 
 def device_id(name: str) -> str:
     """A kubelet-safe id for a device name: readable, at most 63 characters, stable."""
+    if _SAFE.fullmatch(name):  # most names; a scan may make tens of thousands
+        return name
     safe = _UNSAFE.sub("-", name).strip("-") or "device"
     if len(safe) <= MAX_DEVICE_ID_LENGTH and safe == name:
         return safe

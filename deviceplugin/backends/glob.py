@@ -19,11 +19,10 @@ import fnmatch
 import glob
 import itertools
 import logging
-import operator
 import os
 import re
 import stat
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any
 
@@ -39,6 +38,7 @@ log = logging.getLogger(__name__)
 _DIR_EVENTS = (
     Mask.CREATE | Mask.DELETE | Mask.MOVED_FROM | Mask.MOVED_TO | Mask.DELETE_SELF | Mask.ONLYDIR
 )
+_KINDS = {stat.S_IFCHR: "char", stat.S_IFBLK: "block"}
 # Coalesce a burst of events (a driver creating many nodes) into one snapshot.
 _SETTLE_SECONDS = 0.002
 
@@ -66,39 +66,44 @@ def _static_base(pattern: str) -> str:
     return str(PurePosixPath(*static[: len(parts) - 1]))
 
 
-def _matching_nodes(pattern: str) -> list[tuple[str, os.stat_result]]:
+def _matching_nodes(pattern: str) -> Iterator[tuple[str, os.stat_result]]:
     """What glob.glob(pattern) finds, sorted, each with its stat (symlinks followed).
 
     The last component is matched against a listing of each directory and each match
     stat-ed relative to it: glob's per-name overhead and full-path lookups would
-    dominate a scan of tens of thousands of nodes.
+    dominate a scan of tens of thousands of nodes. Names are sorted before the stats
+    and yielded one by one, so no list of stat results is ever held: on a start with
+    tens of thousands of nodes, each object kept is one more the garbage collector walks.
     """
     directory_pattern, _, name_pattern = pattern.rpartition("/")
     directory_pattern = directory_pattern or "/"
     directories = [directory_pattern]
     if glob.has_magic(directory_pattern):
-        directories = glob.glob(directory_pattern)
+        # Sorting by the directory and then by the name within sorts by the whole path
+        # when every directory ends in "/": directories of one pattern are equally deep,
+        # so none of these prefixes is a prefix of another.
+        directories = sorted(f"{d.rstrip('/')}/" for d in glob.glob(directory_pattern))
     match = re.compile(fnmatch.translate(name_pattern)).match
     hidden = name_pattern.startswith(".")  # as glob: a dot matches only a dot
-    found = []
     for directory in directories:
         try:
             descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError:
             continue  # gone, or not a directory
         try:
-            for name in os.listdir(descriptor):  # noqa: PTH208 - names relative to the descriptor
+            names = os.listdir(descriptor)  # noqa: PTH208 - names relative to the descriptor
+            names.sort()
+            prefix = f"{directory.rstrip('/')}/"
+            for name in names:
                 if match(name) is None or (name[0] == "." and not hidden):
                     continue
                 try:
                     status = os.stat(name, dir_fd=descriptor)
                 except OSError:
                     continue  # removed while we looked
-                found.append((f"{directory.rstrip('/')}/{name}", status))
+                yield prefix + name, status
         finally:
             os.close(descriptor)
-    found.sort(key=operator.itemgetter(0))
-    return found
 
 
 def _levels(pattern: str) -> tuple[list[str], list[str]]:
@@ -119,36 +124,33 @@ class GlobBackend:
         self._dir_patterns = sorted({d for dirs, _ in levels for d in dirs})
         self._entry_patterns = sorted({e for _, entries in levels for e in entries})
 
-    def _device(self, name: str, path: str, numa_node: int | None) -> Device:
-        container_path = None
-        if self.config.container_dir is not None:
-            container_path = f"{self.config.container_dir}/{path.rpartition('/')[2]}"
-        return Device(
-            id=device_id(name.replace("/", "-")),
-            numa_node=numa_node,
-            device_nodes=(DeviceNode(path, container_path, self.config.permissions),),
-        )
-
     def scan(self) -> list[Device]:
-        # Plain strings and os calls: a scan may meet tens of thousands of nodes.
+        # Plain strings and os calls, nothing per node that can be done once: a scan may
+        # meet tens of thousands of nodes.
         numa = NumaNodes()
+        permissions, container_dir = self.config.permissions, self.config.container_dir
         devices: dict[str, Device] = {}
         for pattern in self.config.paths:
             base = _static_base(pattern)
             prefix = base if base.endswith("/") else f"{base}/"
             for path, status in _matching_nodes(pattern):
-                if stat.S_ISCHR(status.st_mode):
-                    kind = "char"
-                elif stat.S_ISBLK(status.st_mode):
-                    kind = "block"
-                else:
+                kind = _KINDS.get(stat.S_IFMT(status.st_mode))
+                if kind is None:
                     continue
-                numa_node = numa.of_number(kind, status.st_rdev)
                 # Paths keep the pattern's literal prefix as it is written.
-                device = self._device(path.removeprefix(prefix), path, numa_node)
-                if device.id in devices:  # two patterns, same relative name: use the whole path
-                    device = self._device(path.lstrip("/"), path, numa_node)
-                devices.setdefault(device.id, device)
+                identifier = device_id(path.removeprefix(prefix).replace("/", "-"))
+                if identifier in devices:  # two patterns, same relative name: the whole path
+                    identifier = device_id(path.lstrip("/").replace("/", "-"))
+                    if identifier in devices:
+                        continue
+                container_path = None
+                if container_dir is not None:
+                    container_path = f"{container_dir}/{path.rpartition('/')[2]}"
+                devices[identifier] = Device(
+                    id=identifier,
+                    numa_node=numa.of_number(kind, status.st_rdev),
+                    device_nodes=(DeviceNode(path, container_path, permissions),),
+                )
         return list(devices.values())
 
     def _watch_dirs(self, inotify: Inotify, watches: dict[str, Watch]) -> None:

@@ -11,16 +11,16 @@ from hypothesis import strategies as st
 from deviceplugin.allocation import Policy, preferred_allocation
 from deviceplugin.backend import Device
 from deviceplugin.errors import InvalidRequestError
-from deviceplugin.state import DeviceState, Unit
+from deviceplugin.state import DeviceState
 
 
-def units(devices: list[Device], replicas: int = 1) -> dict[str, Unit]:
+def resource(devices: list[Device], replicas: int = 1) -> DeviceState:
     state = DeviceState(replicas)
     state.update(devices)
-    return state.units
+    return state
 
 
-NUMA_POOL = units([Device(f"d{i}", numa_node=i // 4) for i in range(8)])  # d0-3 on 0, d4-7 on 1
+NUMA_POOL = resource([Device(f"d{i}", numa_node=i // 4) for i in range(8)])  # d0-3 on 0, d4-7 on 1
 
 
 def test_prefers_one_numa_node_and_the_tightest_fit() -> None:
@@ -38,14 +38,14 @@ def test_must_include_comes_first_and_pulls_its_numa_node() -> None:
 
 
 def test_healthy_devices_before_unhealthy_ones() -> None:
-    pool = units([Device("a", healthy=False), Device("b"), Device("c")])
+    pool = resource([Device("a", healthy=False), Device("b"), Device("c")])
     assert sorted(preferred_allocation(pool, ["a", "b", "c"], [], 2)) == ["b", "c"]
 
 
 def test_spread_and_pack_policies_for_replicas() -> None:
-    pool = units([Device("a"), Device("b")], replicas=4)
+    pool = resource([Device("a"), Device("b")], replicas=4)
     # a::0 is in use elsewhere (not offered): spread avoids a, pack fills a.
-    offered = [u for u in pool if u != "a::0"]
+    offered = [u for u in pool.units if u != "a::0"]
     spread = preferred_allocation(pool, offered, [], 2, Policy.SPREAD)
     assert Counter(i.split("::")[0] for i in spread) == {"b": 1, "a": 1}
     assert spread[0].startswith("b")
@@ -93,7 +93,7 @@ def test_what_the_kubelet_may_send_is_always_answered_from_available(
 
 
 @st.composite
-def requests(draw: st.DrawFn) -> tuple[dict[str, Unit], list[str], list[str], int]:
+def requests(draw: st.DrawFn) -> tuple[DeviceState, list[str], list[str], int]:
     count = draw(st.integers(1, 40))
     replicas = draw(st.integers(1, 4))
     devices = [
@@ -102,9 +102,9 @@ def requests(draw: st.DrawFn) -> tuple[dict[str, Unit], list[str], list[str], in
         )
         for i in range(count)
     ]
-    pool = units(devices, replicas)
+    pool = resource(devices, replicas)
     # What the kubelet may offer: ids of ours, and ids of devices we removed meanwhile.
-    ids = [*sorted(pool), "gone0", "gone1::0", "gone1::1"]
+    ids = [*sorted(pool.units), "gone0", "gone1::0", "gone1::1"]
     available = draw(st.lists(st.sampled_from(ids), unique=True, min_size=1))
     must = draw(st.lists(st.sampled_from(available), unique=True, max_size=len(available)))
     size = draw(st.integers(len(must), len(available)))
@@ -114,7 +114,7 @@ def requests(draw: st.DrawFn) -> tuple[dict[str, Unit], list[str], list[str], in
 @settings(max_examples=300, deadline=None)
 @given(requests(), st.sampled_from(list(Policy)))
 def test_property_answer_obeys_the_kubelet_contract(
-    request: tuple[dict[str, Unit], list[str], list[str], int], policy: Policy
+    request: tuple[DeviceState, list[str], list[str], int], policy: Policy
 ) -> None:
     pool, available, must, size = request
     chosen = preferred_allocation(pool, available, must, size, policy)
@@ -123,8 +123,8 @@ def test_property_answer_obeys_the_kubelet_contract(
     assert chosen[: len(must)] == must
     assert set(chosen) <= set(available)
     # Ids we do not know only make up a shortfall of ids we know.
-    known_left = [i for i in available if i in pool and i not in must]
-    unknown_chosen = [i for i in chosen[len(must) :] if i not in pool]
+    known_left = [i for i in available if i in pool.units and i not in must]
+    unknown_chosen = [i for i in chosen[len(must) :] if i not in pool.units]
     assert not unknown_chosen or len(chosen) - len(must) - len(unknown_chosen) == len(known_left)
 
 
@@ -146,7 +146,7 @@ def test_property_arbitrary_input_never_crashes(
 
 
 def test_large_requests_stay_fast() -> None:
-    pool = units([Device(f"d{i}", numa_node=i % 4) for i in range(20_000)], replicas=3)
-    ids = sorted(pool)
+    pool = resource([Device(f"d{i}", numa_node=i % 4) for i in range(20_000)], replicas=3)
+    ids = sorted(pool.units)
     chosen = preferred_allocation(pool, ids, ids[:10], 30_000)
     assert len(chosen) == 30_000

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import stat
 import subprocess
@@ -108,6 +109,20 @@ def test_ids_stay_unique_across_patterns(short_tmp: Path) -> None:
     first, second = (d.id for d in backend.scan())
     assert first == "w0"
     assert second.endswith("-b-w0")
+
+
+def test_a_scan_lists_what_glob_finds_in_path_order(short_tmp: Path) -> None:
+    """Directory by directory, name by name, is path order: "a-c/" sorts before "a/"."""
+    for sub in ("a", "a-c", "a.b", "ab", "b"):
+        for name in ("w1", "w0", "w10", "x0"):
+            mknod(short_tmp / sub / name)
+    (short_tmp / "a" / "w2").write_text("not a device node")
+    (short_tmp / "a" / ".w3").symlink_to(short_tmp / "a" / "w0")
+    (short_tmp / "a" / "w4").symlink_to(short_tmp / "b" / "w0")
+    pattern = f"{short_tmp}/a*/w*"
+    found = [d.device_nodes[0].host_path for d in create({"paths": [pattern]}).scan()]
+    assert found == sorted(set(glob.glob(pattern)) - {f"{short_tmp}/a/w2"})
+    assert found[:2] == [f"{short_tmp}/a-c/w0", f"{short_tmp}/a-c/w1"]
 
 
 @contextlib.contextmanager

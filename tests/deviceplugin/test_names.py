@@ -6,8 +6,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from deviceplugin.backends.common import device_id
 from deviceplugin.names import (
     MAX_SOCKET_PATH,
+    all_plainly_usable,
     device_id_problem,
     env_name,
     resource_name_problem,
@@ -83,6 +85,46 @@ def test_any_string_gets_an_answer(name: str) -> None:
 )
 def test_device_ids(device_id: str, ok: bool) -> None:
     assert (device_id_problem(device_id) is None) is ok
+
+
+# Ids near every rule's edge: ASCII around space, comma and DEL, long ids, non-ASCII.
+EDGY_IDS = st.text(st.characters(max_codepoint=0x2030), max_size=70) | st.text(
+    st.sampled_from(" ,-\x7f\t\nab"), min_size=0, max_size=65
+)
+
+
+@given(st.lists(EDGY_IDS, max_size=8))
+def test_the_batch_check_passes_only_usable_ids(ids: list[str]) -> None:
+    plainly = all_plainly_usable(ids)
+    if plainly:
+        assert all(device_id_problem(i) is None for i in ids)
+    if ids and all(i.isascii() and device_id_problem(i) is None for i in ids):
+        assert plainly, "usable ASCII ids need no check one by one"
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("w0", "w0"),
+        ("card0.render", "card0.render"),
+        ("x" * 63, "x" * 63),
+        ("-w0", "w0-16be75849ec0"),
+        ("w 0", "w-0-061e36e633ff"),
+        ("", "device-e3b0c44298fc"),
+    ],
+)
+def test_device_ids_from_names(name: str, expected: str) -> None:
+    assert device_id(name) == expected
+
+
+@given(EDGY_IDS)
+def test_every_name_gets_a_usable_id_and_only_safe_names_keep_theirs(name: str) -> None:
+    made = device_id(name)
+    assert device_id_problem(made) is None
+    assert all_plainly_usable([made])
+    safe = name.strip("-") == name and 0 < len(name) <= 63
+    safe = safe and all(c.isascii() and (c.isalnum() or c in "._-") for c in name)
+    assert (made == name) is safe
 
 
 def test_socket_names_fit_the_unix_limit() -> None:

@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from deviceplugin.backend import Device
+from deviceplugin.names import device_id_problem
 from deviceplugin.state import DeviceState
 from deviceplugin.v1beta1 import api_pb2
 
@@ -60,6 +61,34 @@ async def test_unusable_devices_are_dropped_and_logged(
         state.update([Device("ok"), Device(device_id), Device("dup")])
     assert set(state.devices) == {"ok", "dup"}
     assert "unusable device" in caplog.text
+
+
+@given(
+    ids=st.lists(
+        st.sampled_from(["a", "b", "a::0", "x" * 63, "x" * 64, "a b", "a,b", "", "é"])
+        | st.text(max_size=4),
+        max_size=8,
+    ),
+    replicas=st.integers(1, 2),
+)
+def test_a_snapshot_keeps_each_usable_id_once_in_order(ids: list[str], replicas: int) -> None:
+    state = DeviceState(replicas)
+    state.update([Device(i) for i in ids])
+    usable = [i for i in ids if device_id_problem(i) is None and not (replicas > 1 and "::" in i)]
+    assert list(state.devices) == list(dict.fromkeys(usable))
+    assert [d.id for d in state.reported] == list(state.devices)
+
+
+def test_units_are_the_devices_or_their_replicas() -> None:
+    whole = DeviceState()
+    whole.update([Device("a"), Device("b", healthy=False)])
+    assert dict(whole.units) == {"a": ("a", Device("a")), "b": ("b", Device("b", healthy=False))}
+    assert len(whole.units) == 2 and "a" in whole.units and "a::0" not in whole.units
+    assert whole.units.get("c") is None and not whole.units["b"].healthy
+    shared = DeviceState(replicas=2)
+    shared.update([Device("a")])
+    assert dict(shared.units) == {"a::0": ("a::0", Device("a")), "a::1": ("a::1", Device("a"))}
+    assert "a" not in shared.units
 
 
 async def test_replicas_expand_with_topology() -> None:
