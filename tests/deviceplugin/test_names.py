@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from deviceplugin.backends.common import device_id
@@ -94,6 +94,7 @@ EDGY_IDS = st.text(st.characters(max_codepoint=0x2030), max_size=70) | st.text(
 
 
 @given(st.lists(EDGY_IDS, max_size=8))
+@example(["a\nb"])  # the batch's separator inside an id: not two plain ids
 def test_the_batch_check_passes_only_usable_ids(ids: list[str]) -> None:
     plainly = all_plainly_usable(ids)
     if plainly:
