@@ -54,7 +54,8 @@ _SET_DEFAULTS = tuple(
     for field in dataclasses.fields(Device)
     if field.name not in _GIVEN
 )
-assert dataclasses.MISSING not in (default for _, default in _SET_DEFAULTS)
+if any(default is dataclasses.MISSING for _, default in _SET_DEFAULTS):
+    raise TypeError("new_device sets Device's other fields to plain defaults; one has none")
 
 
 def new_device(
@@ -78,7 +79,7 @@ def collection_paused() -> Iterator[None]:
 
     Every 700 new objects start a collection, and the devices all survive: a scan of
     tens of thousands of nodes spent as long collecting as making them, walking the
-    same new devices again and again. Afterwards one collection takes them all. Left
+    same new devices again and again. Afterwards a collection or two walk them once. Left
     alone if collection was off already (someone else decided), so a scan in another
     thread at the same time cannot turn it back on under the one that turned it off.
     """
