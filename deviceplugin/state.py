@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import operator
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import NamedTuple
@@ -19,6 +20,7 @@ from deviceplugin.v1beta1 import api_pb2
 
 log = logging.getLogger(__name__)
 
+_ID = operator.attrgetter("id")
 HEALTHY = "Healthy"
 UNHEALTHY = "Unhealthy"
 REPLICA_SEPARATOR = "::"
@@ -94,12 +96,17 @@ class DeviceState:
         self._changed = asyncio.Event()
         self.closed = False
         self._health_overrides: dict[str, bool] = {}
-        # The backend's last snapshot, before health-check overrides.
-        self.reported: list[Device] = []
+        # The backend's last snapshot by id (its usable devices), before health overrides.
+        self._reported: dict[str, Device] = {}
+
+    @property
+    def reported(self) -> list[Device]:
+        """The backend's last snapshot (its usable devices), before health-check overrides."""
+        return list(self._reported.values())
 
     def update(self, snapshot: Sequence[Device]) -> Diff:
         """Replace the device list with a backend snapshot; return what changed."""
-        self.reported = self._valid(snapshot)
+        self._reported = self._valid(snapshot)
         return self._rebuild()
 
     def set_health(self, health: dict[str, bool]) -> Diff:
@@ -124,16 +131,15 @@ class DeviceState:
         self._changed.set()
 
     def _rebuild(self) -> Diff:
+        devices = self._reported  # never changed in place: shared until the next update
         if self._health_overrides:
             devices = {}
-            for reported in self.reported:
+            for reported in self._reported.values():
                 override = self._health_overrides.get(reported.id)
                 if override is None or override == reported.healthy:
                     devices[reported.id] = reported
                 else:
                     devices[reported.id] = replace(reported, healthy=override)
-        else:
-            devices = {reported.id: reported for reported in self.reported}
         diff = _diff(self.devices, devices)
         self.devices = devices
         self.units = self._expand(devices)
@@ -155,15 +161,17 @@ class DeviceState:
             for unit_id in (f"{device.id}{REPLICA_SEPARATOR}{i}" for i in range(self.replicas))
         }
 
-    def _valid(self, snapshot: Sequence[Device]) -> list[Device]:
-        """Drop (and log) devices the kubelet could not take, instead of failing the resource."""
-        ids = [device.id for device in snapshot]
+    def _valid(self, snapshot: Sequence[Device]) -> dict[str, Device]:
+        """The snapshot by id, less (and logging) devices the kubelet could not take,
+        instead of failing the resource. Whole snapshots checked at C speed first."""
+        ids = list(map(_ID, snapshot))
+        by_id = dict(zip(ids, snapshot, strict=True))
         if (
-            all_plainly_usable(ids)
-            and len(set(ids)) == len(ids)
+            len(by_id) == len(ids)
+            and all_plainly_usable(ids)
             and (self.replicas == 1 or not any(REPLICA_SEPARATOR in i for i in ids))
         ):
-            return list(snapshot)
+            return by_id
         valid: dict[str, Device] = {}
         for device in snapshot:
             problem = device_id_problem(device.id)
@@ -175,7 +183,7 @@ class DeviceState:
                 log.error("backend reported an unusable device, ignoring it: %s", problem)
                 continue
             valid[device.id] = device
-        return list(valid.values())
+        return valid
 
 
 def _diff(old: dict[str, Device], new: dict[str, Device]) -> Diff:

@@ -31,7 +31,14 @@ from asyncinotify import Inotify, Mask, Watch
 
 from deviceplugin import configkit
 from deviceplugin.backend import Device, DeviceNode
-from deviceplugin.backends.common import NumaNodes, Permissions, device_id
+from deviceplugin.backends.common import (
+    NumaNodes,
+    Permissions,
+    collection_paused,
+    device_id,
+    device_ids,
+    new_device,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +73,15 @@ def _static_base(pattern: str) -> str:
     return str(PurePosixPath(*static[: len(parts) - 1]))
 
 
-def _matching_nodes(pattern: str) -> Iterator[tuple[str, os.stat_result]]:
-    """What glob.glob(pattern) finds, sorted, each with its stat (symlinks followed).
+def _matching_nodes(pattern: str) -> Iterator[tuple[str, tuple[str, int]]]:
+    """The device nodes glob.glob(pattern) finds, sorted, each with its kind ("char" or
+    "block") and device number (symlinks followed); other files are left out.
 
     The last component is matched against a listing of each directory and each match
     stat-ed relative to it: glob's per-name overhead and full-path lookups would
-    dominate a scan of tens of thousands of nodes. Names are sorted before the stats
-    and yielded one by one, so no list of stat results is ever held: on a start with
-    tens of thousands of nodes, each object kept is one more the garbage collector walks.
+    dominate a scan of tens of thousands of nodes. Names are sorted before the stats,
+    and only the two numbers of each stat are kept: on a start with tens of thousands
+    of nodes, each object kept is one more the garbage collector walks.
     """
     directory_pattern, _, name_pattern = pattern.rpartition("/")
     directory_pattern = directory_pattern or "/"
@@ -101,7 +109,9 @@ def _matching_nodes(pattern: str) -> Iterator[tuple[str, os.stat_result]]:
                     status = os.stat(name, dir_fd=descriptor)
                 except OSError:
                     continue  # removed while we looked
-                yield prefix + name, status
+                kind = _KINDS.get(stat.S_IFMT(status.st_mode))
+                if kind is not None:
+                    yield prefix + name, (kind, status.st_rdev)
         finally:
             os.close(descriptor)
 
@@ -125,32 +135,37 @@ class GlobBackend:
         self._entry_patterns = sorted({e for _, entries in levels for e in entries})
 
     def scan(self) -> list[Device]:
-        # Plain strings and os calls, nothing per node that can be done once: a scan may
-        # meet tens of thousands of nodes.
+        with collection_paused():  # every device made lives on: nothing to collect
+            return self._scan()
+
+    def _scan(self) -> list[Device]:
+        # Per node only what must be: a scan may meet tens of thousands. Ids and NUMA
+        # nodes are found for a whole pattern's nodes at once (at C speed where it can
+        # be), and devices are made without the dataclass's __init__ (new_device).
         numa = NumaNodes()
         permissions, container_dir = self.config.permissions, self.config.container_dir
         devices: dict[str, Device] = {}
         for pattern in self.config.paths:
+            found = list(_matching_nodes(pattern))
+            if not found:
+                continue
+            paths, numbers = zip(*found, strict=True)
             base = _static_base(pattern)
             prefix = base if base.endswith("/") else f"{base}/"
-            for path, status in _matching_nodes(pattern):
-                kind = _KINDS.get(stat.S_IFMT(status.st_mode))
-                if kind is None:
-                    continue
-                # Paths keep the pattern's literal prefix as it is written.
-                identifier = device_id(path.removeprefix(prefix).replace("/", "-"))
+            # Paths keep the pattern's literal prefix as it is written.
+            ids = device_ids([path.removeprefix(prefix).replace("/", "-") for path in paths])
+            for identifier, path, numa_node in zip(
+                ids, paths, numa.of_numbers(numbers), strict=True
+            ):
                 if identifier in devices:  # two patterns, same relative name: the whole path
-                    identifier = device_id(path.lstrip("/").replace("/", "-"))
+                    identifier = device_id(path.lstrip("/").replace("/", "-"))  # noqa: PLW2901
                     if identifier in devices:
                         continue
                 container_path = None
                 if container_dir is not None:
                     container_path = f"{container_dir}/{path.rpartition('/')[2]}"
-                devices[identifier] = Device(
-                    id=identifier,
-                    numa_node=numa.of_number(kind, status.st_rdev),
-                    device_nodes=(DeviceNode(path, container_path, permissions),),
-                )
+                node = DeviceNode(path, container_path, permissions)
+                devices[identifier] = new_device(identifier, numa_node, (node,))
         return list(devices.values())
 
     def _watch_dirs(self, inotify: Inotify, watches: dict[str, Watch]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import glob
 import os
 import stat
@@ -13,9 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from deviceplugin.backend import Device, DeviceNode
 from deviceplugin.backends import common
-from deviceplugin.backends.common import numa_node_of
-from deviceplugin.backends.glob import create
+from deviceplugin.backends.common import device_id, new_device, numa_node_of
+from deviceplugin.backends.glob import GlobBackend, GlobConfig, create
+from deviceplugin.configkit import convert
 from deviceplugin.testkit import FakeKubelet
 from tests.deviceplugin.conftest import make_config, running
 
@@ -109,6 +112,55 @@ def test_ids_stay_unique_across_patterns(short_tmp: Path) -> None:
     first, second = (d.id for d in backend.scan())
     assert first == "w0"
     assert second.endswith("-b-w0")
+
+
+def test_a_scan_makes_the_devices_the_constructor_makes(short_tmp: Path) -> None:
+    """Devices from the scan's fast path equal, hash and print as Device(...) does."""
+    for name in ("w0", "w 1", "-w2"):  # safe names, and names that need an id made
+        mknod(short_tmp / name)
+    mknod(short_tmp / "w3", stat.S_IFBLK, os.makedev(7, 7))
+    backend = create({"paths": [f"{short_tmp}/w*", f"{short_tmp}/-w*"], "containerDir": "/c"})
+    scanned = backend.scan()
+    expected = [
+        Device(
+            id=device_id(path.name),
+            numa_node=numa_node_of(f"/sys/dev/{kind}/{major}:{minor}"),
+            device_nodes=(DeviceNode(str(path), f"/c/{path.name}", "rw"),),
+        )
+        for path, kind, (major, minor) in [
+            (short_tmp / "w 1", "char", (1, 3)),
+            (short_tmp / "w0", "char", (1, 3)),
+            (short_tmp / "w3", "block", (7, 7)),
+            (short_tmp / "-w2", "char", (1, 3)),
+        ]
+    ]
+    assert scanned == expected
+    assert [hash(d) for d in scanned] == [hash(d) for d in expected]
+    assert [repr(d) for d in scanned] == [repr(d) for d in expected]
+    node = (DeviceNode("/dev/x", None, "r"),)
+    assert new_device("x", 1, node) == Device(id="x", numa_node=1, device_nodes=node)
+
+
+def test_a_scan_pauses_garbage_collection_and_leaves_it_as_it_was(short_tmp: Path) -> None:
+    mknod(short_tmp / "w0")
+    seen = []
+
+    class Recording(GlobBackend):
+        def _scan(self) -> list[Device]:
+            seen.append(gc.isenabled())
+            return super()._scan()
+
+    backend = Recording(convert({"paths": [f"{short_tmp}/w*"]}, GlobConfig))
+    assert gc.isenabled()
+    assert len(backend.scan()) == 1
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        assert len(backend.scan()) == 1
+        assert not gc.isenabled(), "whoever turned collection off decides when it comes back"
+    finally:
+        gc.enable()
+    assert seen == [False, False]
 
 
 def test_a_scan_lists_what_glob_finds_in_path_order(short_tmp: Path) -> None:

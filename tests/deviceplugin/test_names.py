@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
-from deviceplugin.backends.common import device_id
+from deviceplugin.backends.common import device_id, device_ids
 from deviceplugin.names import (
     MAX_SOCKET_PATH,
     all_plainly_usable,
@@ -94,6 +94,7 @@ EDGY_IDS = st.text(st.characters(max_codepoint=0x2030), max_size=70) | st.text(
 
 
 @given(st.lists(EDGY_IDS, max_size=8))
+@example(["a\nb"])  # the batch's separator inside an id: not two plain ids
 def test_the_batch_check_passes_only_usable_ids(ids: list[str]) -> None:
     plainly = all_plainly_usable(ids)
     if plainly:
@@ -125,6 +126,13 @@ def test_every_name_gets_a_usable_id_and_only_safe_names_keep_theirs(name: str) 
     safe = name.strip("-") == name and 0 < len(name) <= 63
     safe = safe and all(c.isascii() and (c.isalnum() or c in "._-") for c in name)
     assert (made == name) is safe
+
+
+@given(st.lists(EDGY_IDS, max_size=8))
+@example(["w0", "w 1"])
+@example(["a\nb"])  # a name with the batch's separator: not two safe names
+def test_a_batch_of_names_gets_the_ids_each_name_gets(names: list[str]) -> None:
+    assert device_ids(names) == [device_id(name) for name in names]
 
 
 def test_socket_names_fit_the_unix_limit() -> None:
